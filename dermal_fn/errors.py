@@ -1,0 +1,103 @@
+"""The exceptions dermal_fn raises, one family.
+
+    DermalError
+    ├── RequestError              the client sent something we cannot serve (HTTP 4xx)
+    │   ├── InvalidRequest        unreadable request: malformed multipart, JSON or base64
+    │   ├── InvalidImage          the bytes are not a decodable image (or a decompression bomb)
+    │   ├── UnsupportedMediaType  a type we do not decode (SVG, HEIC, PDF, ...)
+    │   ├── PayloadTooLarge       the body is over MAX_UPLOAD_MB
+    │   ├── InvalidOption         top_k, class, score or gradcam out of range or of the wrong type
+    │   ├── MethodNotAllowed      a route asked with the wrong method
+    │   ├── NotFound              no such route
+    │   └── Unauthorized          API_KEY is set and the bearer token is missing or wrong
+    ├── ServiceUnavailable        try again later (HTTP 503 with Retry-After)
+    │   ├── ModelUnavailable      the model could not be fetched or loaded
+    │   └── Overloaded            the inference queue is full
+    ├── ConfigError               an environment variable has a value we cannot use
+    ├── BundleError               a bundle file is malformed or of an unknown version
+    └── ExportError               a Keras model cannot be exported faithfully
+        └── UnsupportedLayer      the head holds a layer the NumPy head cannot differentiate
+
+The HTTP layer (dermal_fn.http) maps each class to a status and an error code in one table.
+Messages say what was expected and what was found; they never contain image bytes.
+"""
+
+from __future__ import annotations
+
+
+class DermalError(Exception):
+    """Base of every error raised by dermal_fn."""
+
+
+class RequestError(DermalError):
+    """The client sent something we cannot serve."""
+
+
+class InvalidRequest(RequestError):
+    """The request itself could not be read."""
+
+
+class InvalidImage(RequestError):
+    """The upload is not an image we can decode."""
+
+
+class UnsupportedMediaType(RequestError):
+    """The upload is of a type we do not decode."""
+
+
+class PayloadTooLarge(RequestError):
+    """The body is larger than MAX_UPLOAD_MB."""
+
+
+class InvalidOption(RequestError):
+    """An option is out of range or of the wrong type."""
+
+
+class MethodNotAllowed(RequestError):
+    """The route exists but not for this method."""
+
+    def __init__(self, message: str, *, allowed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
+class NotFound(RequestError):
+    """No such route."""
+
+
+class Unauthorized(RequestError):
+    """A bearer token is required and was missing or wrong."""
+
+
+class ServiceUnavailable(DermalError):
+    """Temporarily unable to answer; the client should retry."""
+
+    retry_after_s: int = 5
+
+
+class ModelUnavailable(ServiceUnavailable):
+    """The model could not be fetched or loaded."""
+
+    retry_after_s = 10
+
+
+class Overloaded(ServiceUnavailable):
+    """The inference queue is full."""
+
+    retry_after_s = 2
+
+
+class ConfigError(DermalError):
+    """A configuration value cannot be used."""
+
+
+class BundleError(DermalError):
+    """A bundle file is malformed or of an unknown version."""
+
+
+class ExportError(DermalError):
+    """A Keras model cannot be exported faithfully."""
+
+
+class UnsupportedLayer(ExportError):
+    """A head layer that the NumPy head cannot run forward and backward."""
