@@ -1,0 +1,356 @@
+"""Train the demo model: a small, seeded Keras CNN on synthetic skin images.
+
+    python -m dermal_fn.demo.train --out-dir DIR [--size 128] [--seed 0] [--epochs N] [--train N]
+
+writes DIR/demo_synthetic.keras and DIR/labels.txt (one label per line, in output order). The model
+takes raw RGB pixels in [0, 255] as float32 of shape (size, size, 3) and rescales them itself; its
+last 4-D layer is `top_activation` (size/8 square, for Grad-CAM), followed by GlobalAveragePooling2D,
+Dropout and a softmax Dense named like EfficientNetV2's head (`avg_pool`, `top_dropout`,
+`predictions`). TensorFlow and Keras are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermal_fn.demo.synth import LABELS, NO_LESION, Batch, generate, generate_batch
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILENAME = "demo_synthetic.keras"
+LABELS_FILENAME = "labels.txt"
+GRADCAM_LAYER = "top_activation"
+DEFAULT_SIZE = 128
+DEFAULT_SEED = 0
+DEFAULT_EPOCHS = 8
+DEFAULT_TRAIN_IMAGES = 3000
+DEFAULT_VALIDATION_IMAGES = 800
+DEFAULT_POINTING_SEED = 2026
+BATCH_SIZE = 32
+LEARNING_RATE = 3e-3
+
+# Independent data streams derived from the training seed.
+_TRAIN_STREAM, _VALIDATION_STREAM = 0, 1
+# (filters, pool after the block) per block; three 2x reductions: 128 px -> a 16x16 feature map.
+_BLOCKS: tuple[tuple[int, bool], ...] = ((16, True), (24, True), (32, True), (48, False))
+_TOP_FILTERS = 48
+
+
+def data_seed(seed: int, stream: int) -> int:
+    """A generator seed for one data stream (train, validation) of a training seed."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def build_model(size: int = DEFAULT_SIZE, n_classes: int = len(LABELS), seed: int = DEFAULT_SEED) -> Any:
+    """Build the (uncompiled) CNN: raw pixels in, class probabilities out."""
+    import keras
+
+    if size % 8 or size < 32:
+        raise ValueError(f"expected an input size that is a multiple of 8 and >= 32, found {size}")
+
+    def initializer(offset: int) -> Any:
+        return keras.initializers.HeNormal(seed=seed * 1000 + offset)
+
+    image = keras.Input(shape=(size, size, 3), dtype="float32", name="image")
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescaling")(image)
+    for index, (filters, pool) in enumerate(_BLOCKS, start=1):
+        x = keras.layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=initializer(index),
+            name=f"block{index}_conv",
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"block{index}_bn")(x)
+        x = keras.layers.Activation("relu", name=f"block{index}_activation")(x)
+        if pool:
+            x = keras.layers.MaxPooling2D(2, name=f"block{index}_pool")(x)
+    x = keras.layers.Conv2D(
+        _TOP_FILTERS,
+        3,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=initializer(0),
+        name="top_conv",
+    )(x)
+    x = keras.layers.BatchNormalization(name="top_bn")(x)
+    x = keras.layers.Activation("relu", name=GRADCAM_LAYER)(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(0.2, seed=seed, name="top_dropout")(x)
+    probabilities = keras.layers.Dense(
+        n_classes,
+        activation="softmax",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed * 1000 + 999),
+        name="predictions",
+    )(x)
+    return keras.Model(image, probabilities, name="demo_synthetic")
+
+
+def augment(images: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+    """Random horizontal/vertical flips and a brightness factor in [0.9, 1.1], as float32 pixels."""
+    pixels = images.astype(np.float32)
+    flip_rows = rng.random(len(pixels)) < 0.5
+    flip_cols = rng.random(len(pixels)) < 0.5
+    pixels[flip_rows] = pixels[flip_rows, ::-1]
+    pixels[flip_cols] = pixels[flip_cols, :, ::-1]
+    brightness = rng.uniform(0.9, 1.1, size=(len(pixels), 1, 1, 1)).astype(np.float32)
+    return np.clip(pixels * brightness, 0.0, 255.0)
+
+
+def train(
+    out_dir: Path | str,
+    *,
+    size: int = DEFAULT_SIZE,
+    seed: int = DEFAULT_SEED,
+    epochs: int = DEFAULT_EPOCHS,
+    n_train: int = DEFAULT_TRAIN_IMAGES,
+    n_validation: int = DEFAULT_VALIDATION_IMAGES,
+) -> Path:
+    """Train the demo model, write it and labels.txt into `out_dir`, return the model's path."""
+    import keras
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+    train_set = generate_batch(n_train, seed=data_seed(seed, _TRAIN_STREAM), size=size)
+    validation_set = generate_batch(
+        n_validation, seed=data_seed(seed, _VALIDATION_STREAM), size=size
+    )
+    logger.info(
+        "generated data",
+        extra={"n_train": n_train, "n_validation": n_validation, "seconds": _since(started)},
+    )
+
+    model = build_model(size, len(LABELS), seed)
+    steps_per_epoch = -(-n_train // BATCH_SIZE)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        LEARNING_RATE, decay_steps=max(1, epochs * steps_per_epoch)
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    logger.info("built model", extra={"parameters": int(model.count_params())})
+
+    validation_pixels = validation_set.images.astype(np.float32)
+    for epoch in range(epochs):
+        rng = np.random.default_rng([seed, _TRAIN_STREAM, epoch])
+        order = rng.permutation(n_train)
+        history = model.fit(
+            augment(train_set.images[order], rng=rng),
+            train_set.labels[order],
+            batch_size=BATCH_SIZE,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            shuffle=False,
+            verbose=0,
+        )
+        logger.info(
+            "epoch done",
+            extra={
+                "epoch": epoch + 1,
+                "loss": round(float(history.history["loss"][-1]), 4),
+                "accuracy": round(float(history.history["accuracy"][-1]), 4),
+                "seconds": _since(started),
+            },
+        )
+    accuracy = _accuracy(model, validation_pixels, validation_set.labels)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / MODEL_FILENAME
+    model.save(model_path)
+    (out / LABELS_FILENAME).write_text("".join(f"{label}\n" for label in LABELS), encoding="utf-8")
+    logger.info(
+        "trained",
+        extra={
+            "model_path": str(model_path),
+            "validation_accuracy": round(accuracy, 4),
+            "seconds": _since(started),
+        },
+    )
+    return model_path
+
+
+def validation_accuracy(
+    model_path: Path | str, *, n: int = DEFAULT_VALIDATION_IMAGES, seed: int = DEFAULT_SEED
+) -> float:
+    """Top-1 accuracy of a saved model on the validation stream of training seed `seed`."""
+    import keras
+
+    model = keras.saving.load_model(model_path, compile=False)
+    size = int(model.input_shape[1])
+    batch = generate_batch(n, seed=data_seed(seed, _VALIDATION_STREAM), size=size)
+    return _accuracy(model, batch.images.astype(np.float32), batch.labels)
+
+
+def pointing_game(
+    model_path: Path | str,
+    *,
+    n: int = 200,
+    seed: int = DEFAULT_POINTING_SEED,
+    margin_cells: int = 0,
+) -> float:
+    """Share of `n` spot images whose Grad-CAM peak falls on the drawn spot.
+
+    Grad-CAM as in the keras-io recipe, for the predicted class with the pre-softmax logit as the
+    score, at the resolution of `top_activation`. A grid cell is on the spot if any spot pixel lies
+    in it; `margin_cells` widens the spot by that many cells in every direction.
+    """
+    import keras
+
+    model = keras.saving.load_model(model_path, compile=False)
+    size = int(model.input_shape[1])
+    rng = np.random.default_rng(seed)
+    spot_labels = [label for label in range(len(LABELS)) if label != NO_LESION]
+    samples = [generate(rng, size=size, label=spot_labels[i % len(spot_labels)]) for i in range(n)]
+    batch = Batch(
+        images=np.stack([sample.image for sample in samples]),
+        labels=np.array([sample.label for sample in samples], dtype=np.int64),
+        masks=np.stack([sample.mask for sample in samples]),
+    )
+    hits = pointing_hits(model, batch, margin_cells=margin_cells)
+    return float(hits.mean()) if len(hits) else 0.0
+
+
+def pointing_hits(model: Any, batch: Batch, *, margin_cells: int = 0) -> np.ndarray:
+    """Per image: does the Grad-CAM peak for the predicted class fall on its spot mask."""
+    heatmaps = gradcam_grids(model, batch.images.astype(np.float32))
+    n, grid_rows, grid_cols = heatmaps.shape
+    size = batch.masks.shape[1]
+    cell = size // grid_rows
+    on_spot = batch.masks.reshape(n, grid_rows, cell, grid_cols, cell).any(axis=(2, 4))
+    for _ in range(margin_cells):
+        on_spot = _dilate_one_cell(on_spot)
+    peaks = heatmaps.reshape(n, -1).argmax(axis=1)
+    return np.asarray(on_spot.reshape(n, -1)[np.arange(n), peaks], dtype=bool)
+
+
+def gradcam_grids(model: Any, pixels: np.ndarray, *, batch_size: int = 50) -> np.ndarray:
+    """Grad-CAM at `top_activation` resolution for each image's predicted class, in [0, 1].
+
+    The keras-io recipe: gradient of the class logit (before softmax) with respect to the feature
+    map, pooled over space, weights the channels; ReLU; divided by the maximum (eps guarded).
+    """
+    import keras
+    import tensorflow as tf
+
+    layer_names = [layer.name for layer in model.layers]
+    cut = layer_names.index(GRADCAM_LAYER)
+    backbone = keras.Model(model.inputs, model.get_layer(GRADCAM_LAYER).output)
+    head_layers = model.layers[cut + 1 :]
+    final_dense = head_layers[-1]
+    grids = []
+    for start in range(0, len(pixels), batch_size):
+        feature_map = backbone(pixels[start : start + batch_size], training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(feature_map)
+            features = feature_map
+            for layer in head_layers[:-1]:
+                features = layer(features, training=False)
+            logits = tf.matmul(features, final_dense.kernel) + final_dense.bias
+            class_index = tf.argmax(logits, axis=1)
+            score = tf.gather(logits, class_index, axis=1, batch_dims=1)
+        gradients = tape.gradient(score, feature_map)
+        channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(channel_weights * feature_map, axis=-1)).numpy()
+        peak = cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
+        grids.append(cam / np.maximum(peak, 1e-12))
+    return np.concatenate(grids).astype(np.float32)
+
+
+def _dilate_one_cell(grid: np.ndarray) -> np.ndarray:
+    """Grow a boolean (n, rows, cols) grid by one cell in all eight directions."""
+    padded = np.pad(grid, ((0, 0), (1, 1), (1, 1)))
+    rows, cols = grid.shape[1:]
+    grown = np.zeros_like(grid)
+    for dr in range(3):
+        for dc in range(3):
+            grown |= padded[:, dr : dr + rows, dc : dc + cols]
+    return grown
+
+
+def _accuracy(model: Any, pixels: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of `model` on float pixels."""
+    probabilities = model.predict(pixels, batch_size=100, verbose=0)
+    return float((probabilities.argmax(axis=1) == labels).mean())
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 2)
+
+
+class _JsonLineFormatter(logging.Formatter):
+    """One JSON object per record with a Cloud Logging `severity` field."""
+
+    _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(
+            (key, value) for key, value in record.__dict__.items() if key not in self._RESERVED
+        )
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: train, then log validation accuracy and the Grad-CAM pointing-game score."""
+    parser = argparse.ArgumentParser(prog="python -m dermal_fn.demo.train", description=__doc__)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN_IMAGES, dest="n_train")
+    parser.add_argument("--validation", type=int, default=DEFAULT_VALIDATION_IMAGES)
+    parser.add_argument("--pointing", type=int, default=200, help="spot images; 0 to skip")
+    args = parser.parse_args(argv)
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JsonLineFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+    started = time.perf_counter()
+    model_path = train(
+        args.out_dir,
+        size=args.size,
+        seed=args.seed,
+        epochs=args.epochs,
+        n_train=args.n_train,
+        n_validation=args.validation,
+    )
+    summary: dict[str, Any] = {
+        "model_path": str(model_path),
+        "labels_path": str(model_path.with_name(LABELS_FILENAME)),
+        "model_bytes": model_path.stat().st_size,
+        "validation_accuracy": round(
+            validation_accuracy(model_path, n=args.validation, seed=args.seed), 4
+        ),
+    }
+    if args.pointing:
+        summary["pointing_game"] = round(pointing_game(model_path, n=args.pointing), 4)
+    summary["seconds"] = _since(started)
+    logger.info("summary", extra=summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

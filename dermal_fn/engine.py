@@ -1,0 +1,186 @@
+"""The engine: backbone to feature map, the head to probabilities, its backward pass to Grad-CAM.
+
+Two backends share one interface:
+
+- ``litert`` (:class:`LiteRTEngine`): a bundle's backbone in a LiteRT interpreter (XNNPACK) and the
+  head in NumPy. No TensorFlow. The interpreter is not thread-safe: one per engine, under a lock.
+- ``tensorflow`` (:class:`dermal_fn.keras_backend.KerasEngine`): a ``.keras`` file, the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermal_fn import bundle as bundle_format
+from dermal_fn.errors import BundleError, InvalidOption
+from dermal_fn.gradcam import grad_cam
+from dermal_fn.head import Head, Score
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One model run: probabilities for every class, and the Grad-CAM grid when asked for."""
+
+    probabilities: np.ndarray
+    class_index: int
+    score: Score
+    grid: np.ndarray | None
+    model_ms: float
+    gradcam_ms: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine serves: name, labels, preprocessing, Grad-CAM layer."""
+
+    name: str
+    sha256: str
+    backend: str
+    labels: tuple[str, ...]
+    layer: str
+    input_size: tuple[int, int]
+    input_scale: str
+    resize: str
+    quantization: str
+
+    def as_json(self) -> dict[str, Any]:
+        """The contract's ``model`` object."""
+        return {"name": self.name, "sha256": self.sha256, "backend": self.backend, "labels": list(self.labels)}
+
+
+class Engine:
+    """Backbone + head. Subclasses provide :meth:`feature_map` (and may override :meth:`run`)."""
+
+    info: ModelInfo
+    head: Head
+
+    def feature_map(self, pixels: np.ndarray) -> np.ndarray:
+        """The Grad-CAM layer's output for one preprocessed input: (1, h, w, c)."""
+        raise NotImplementedError
+
+    def resolve_class(self, value: int | str | None, probabilities: np.ndarray) -> int:
+        """A class given as index or label (None: the most probable) as an index."""
+        labels = self.info.labels
+        if value is None:
+            return int(np.argmax(probabilities))
+        if isinstance(value, str) and not value.lstrip("-").isdigit():
+            if value not in labels:
+                raise InvalidOption(f"expected class to be an index 0..{len(labels) - 1} or one of {list(labels)}, found {value!r}")
+            return labels.index(value)
+        index = int(value)
+        if not 0 <= index < len(labels):
+            raise InvalidOption(f"expected class index 0..{len(labels) - 1}, found {index}")
+        return index
+
+    def run(
+        self,
+        pixels: np.ndarray,
+        *,
+        class_index: int | str | None = None,
+        score: Score = "logit",
+        gradcam: bool = True,
+    ) -> Inference:
+        """Probabilities and (optionally) the Grad-CAM grid for one preprocessed input."""
+        started = time.perf_counter()
+        features = self.feature_map(pixels)
+        result = self.head.forward(features)
+        target = self.resolve_class(class_index, result.probabilities)
+        model_done = time.perf_counter()
+        grid = None
+        if gradcam:
+            gradient = self.head.backward(result, self.head.score_gradient(result, class_index=target, score=score))
+            grid = grad_cam(features, gradient)
+        done = time.perf_counter()
+        return Inference(
+            probabilities=np.asarray(result.probabilities, dtype=np.float64),
+            class_index=target,
+            score=score,
+            grid=grid,
+            model_ms=(model_done - started) * 1e3,
+            gradcam_ms=(done - model_done) * 1e3,
+        )
+
+    def close(self) -> None:
+        """Release what the engine holds."""
+
+
+class LiteRTEngine(Engine):
+    """A bundle served with LiteRT (backbone) and NumPy (head)."""
+
+    def __init__(self, path: str | Path, *, sha256: str, num_threads: int = 1) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        loaded = bundle_format.read(path)
+        manifest = loaded.manifest
+        self.head = loaded.head
+        self.info = ModelInfo(
+            name=manifest.name,
+            sha256=sha256,
+            backend="litert",
+            labels=manifest.labels,
+            layer=manifest.layer,
+            input_size=manifest.input_size,
+            input_scale=manifest.input_scale,
+            resize=manifest.resize,
+            quantization=manifest.quantization,
+        )
+        self.num_threads = num_threads
+        self._lock = threading.Lock()
+        try:
+            self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"expected a LiteRT backbone the interpreter can load, found: {exc}") from exc
+        (inp,) = self._interpreter.get_input_details()
+        (out,) = self._interpreter.get_output_details()
+        h, w = manifest.input_size
+        if tuple(inp["shape"]) != (1, h, w, 3):
+            raise BundleError(f"expected backbone input (1, {h}, {w}, 3), found {tuple(inp['shape'])}")
+        if tuple(out["shape"][1:]) != manifest.feature_map_shape:
+            raise BundleError(
+                f"expected backbone output {manifest.feature_map_shape}, found {tuple(out['shape'][1:])}"
+            )
+        self._input_index = int(inp["index"])
+        self._output_index = int(out["index"])
+
+    def feature_map(self, pixels: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self._interpreter.set_tensor(self._input_index, pixels)
+            self._interpreter.invoke()
+            return np.array(self._interpreter.get_tensor(self._output_index), dtype=np.float32)
+
+    def close(self) -> None:
+        with self._lock:
+            self._interpreter = None
+
+
+def is_keras_file(path: str | Path) -> bool:
+    """True for a Keras v3 ``.keras`` archive (a zip with config.json)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return "config.json" in names and not bundle_format.is_bundle(path)
+
+
+def load_engine(path: str | Path, *, sha256: str, num_threads: int = 1) -> Engine:
+    """Open a bundle with LiteRT, or a ``.keras`` file with the TensorFlow backend."""
+    if bundle_format.is_bundle(path):
+        return LiteRTEngine(path, sha256=sha256, num_threads=num_threads)
+    if is_keras_file(path):
+        from dermal_fn.keras_backend import KerasEngine
+
+        return KerasEngine(path, sha256=sha256)
+    raise BundleError(f"expected a dermal-fn bundle or a .keras file, found neither at {Path(path).name}")

@@ -1,0 +1,51 @@
+"""Rendering a Grad-CAM grid: upsample, colour map, blend on the photo, encode as PNG.
+
+No matplotlib: the colour map is the classic "jet" ramp written out in NumPy.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+OVERLAY_MAX_SIDE = 512
+MAX_ALPHA = 0.6
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 with the jet ramp (blue → cyan → yellow → red)."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., np.newaxis]
+    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # r, g, b peaks at 3/4, 1/2, 1/4
+    rgb = np.clip(1.5 - np.abs(4.0 * v - centres), 0.0, 1.0)
+    return np.asarray(np.round(rgb * 255.0), dtype=np.uint8)
+
+
+def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a (h, w) grid to (height, width) given as size=(width, height)."""
+    image = Image.fromarray(np.asarray(grid, dtype=np.float32), mode="F")
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def overlay(photo: Image.Image, grid: np.ndarray, *, max_alpha: float = MAX_ALPHA) -> Image.Image:
+    """Blend the upsampled heatmap onto the photo; cold regions keep the photo as it is."""
+    base = photo.convert("RGB")
+    heat = np.clip(upsample(grid, base.size), 0.0, 1.0)
+    colour = jet(heat).astype(np.float32)
+    alpha = (max_alpha * heat)[..., np.newaxis]
+    blended = np.asarray(base, dtype=np.float32) * (1.0 - alpha) + colour * alpha
+    return Image.fromarray(np.asarray(np.round(blended), dtype=np.uint8), mode="RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """Encode an image as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def overlay_png_base64(photo: Image.Image, grid: np.ndarray) -> str:
+    """The overlay as a base64 PNG string, as the JSON answer carries it."""
+    return base64.b64encode(png_bytes(overlay(photo, grid))).decode("ascii")
