@@ -1,0 +1,40 @@
+"""Resolve a model URI to a verified local file; knows storage and files, not Keras or LiteRT.
+
+    fetched = fetch_model("gs://bucket/models/skin.bundle", expected_sha256=pin)
+    fetched.path  # a local file whose size, crc32c and sha256 were checked
+
+URIs: a local path (absolute or relative), a ``file://`` URI, or ``gs://bucket/object`` (read with
+google-cloud-storage; honours STORAGE_EMULATOR_HOST, anonymously, as the library does).
+
+Exceptions:
+
+    FetchError                  base; raised as such for local I/O errors (unreadable file, cache)
+    ├── InvalidModelUri         not a local path, a file:// URI nor gs://bucket/object
+    ├── ModelNotFound           no such file, bucket, object or object generation
+    ├── ChecksumMismatch        size, crc32c or the sha256 pin disagree (or a hash is missing)
+    └── StorageUnavailable      storage unreachable after retries, over timeout_s, or access denied
+
+A bad ``expected_sha256`` (not 64 hex digits) or ``timeout_s`` is a ValueError: a caller's bug.
+"""
+
+from __future__ import annotations
+
+from model_fetch.errors import (
+    ChecksumMismatch,
+    FetchError,
+    InvalidModelUri,
+    ModelNotFound,
+    StorageUnavailable,
+)
+from model_fetch.fetch import fetch_model
+from model_fetch.result import FetchedModel
+
+__all__ = [
+    "ChecksumMismatch",
+    "FetchError",
+    "FetchedModel",
+    "InvalidModelUri",
+    "ModelNotFound",
+    "StorageUnavailable",
+    "fetch_model",
+]

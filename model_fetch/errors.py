@@ -1,0 +1,32 @@
+"""The exceptions model_fetch raises, one family.
+
+    FetchError                  base; raised as such for local I/O errors (unreadable file, cache)
+    ├── InvalidModelUri         not a local path, a file:// URI nor gs://bucket/object
+    ├── ModelNotFound           no such file, bucket, object or object generation
+    ├── ChecksumMismatch        size, crc32c or the sha256 pin disagree (or a hash is missing)
+    └── StorageUnavailable      storage unreachable after retries, over timeout_s, or access denied
+
+Messages say what was expected and what was found. They never contain credentials.
+"""
+
+from __future__ import annotations
+
+
+class FetchError(Exception):
+    """Base of every error raised by model_fetch."""
+
+
+class InvalidModelUri(FetchError):
+    """The URI is neither a local path, a file:// URI nor gs://bucket/object."""
+
+
+class ModelNotFound(FetchError):
+    """No such local file, bucket or object."""
+
+
+class ChecksumMismatch(FetchError):
+    """The bytes are not the ones expected: size, crc32c or the sha256 pin differ."""
+
+
+class StorageUnavailable(FetchError):
+    """Object storage could not be used: down after retries, too slow, or access denied."""

@@ -1,0 +1,50 @@
+"""fetch_model: a model URI in, a verified local file out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from model_fetch.digest import normalize_sha256
+from model_fetch.gcs import fetch_gcs
+from model_fetch.local import fetch_local
+from model_fetch.result import FetchedModel
+from model_fetch.uri import LocalLocation, parse_model_uri
+
+
+def default_cache_dir() -> Path:
+    """Where downloads are kept when no cache_dir is given: ``<tmp>/dermal-fn-models``."""
+    return Path(tempfile.gettempdir()) / "dermal-fn-models"
+
+
+def fetch_model(
+    uri: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    expected_sha256: str | None = None,
+    timeout_s: float = 120.0,
+) -> FetchedModel:
+    """Resolve a local path, ``file://`` or ``gs://bucket/object`` URI to a verified local file.
+
+    Local files are used in place; GCS objects are downloaded into ``cache_dir`` (reused while
+    the generation, size and crc32c still match). ``expected_sha256`` pins the bytes; GCS work
+    is retried on transient errors and bounded by ``timeout_s``. Raises a FetchError subclass.
+    """
+    started = time.monotonic()
+    location = parse_model_uri(uri)
+    pin = normalize_sha256(expected_sha256)
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if isinstance(location, LocalLocation):
+        return fetch_local(location, source=uri, expected_sha256=pin, started=started)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return fetch_gcs(
+        location,
+        source=uri,
+        cache_dir=directory,
+        expected_sha256=pin,
+        timeout_s=timeout_s,
+        started=started,
+    )
