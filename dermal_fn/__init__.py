@@ -1,5 +1,36 @@
-"""dermal-fn: a Keras skin-image classifier with Grad-CAM, served without TensorFlow."""
+"""dermal-fn: a Keras skin-image classifier with Grad-CAM, served without TensorFlow.
+
+``predict_skin_with_explanation`` keeps the seed's Django-module signature; everything else is in
+the submodules (config, imaging, bundle, export, engine, head, gradcam, render, service, http).
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+__all__ = ["predict_skin_with_explanation"]
+
+
+def predict_skin_with_explanation(
+    image_bytes: bytes, top_k: int = 7, enable_gradcam: bool | None = None
+) -> tuple[list[dict[str, object]], str | None]:
+    """Classify a photo: ``([{"class": label, "probability": percent}, ...], heatmap_png_base64 | None)``.
+
+    The seed's return shape: results most probable first (at most ``top_k``, at most the number of
+    classes), probabilities in percent; the heatmap is the overlay PNG as base64, or ``None`` when
+    Grad-CAM is disabled (argument, else ``ENABLE_GRADCAM``) or skipped under memory pressure.
+    Uses the process's model (``MODEL_URI``), loaded on first use.
+    """
+    from dermal_fn.options import PredictOptions
+    from dermal_fn.service import get_service
+
+    service = get_service()
+    labels = service.holder.get().info.labels
+    options = PredictOptions(top_k=max(1, min(int(top_k), len(labels))), gradcam=enable_gradcam)
+    body = service.predict(image_bytes, options).body
+    results: list[dict[str, object]] = [
+        {"class": p["label"], "probability": round(100.0 * float(p["probability"]), 2)}
+        for p in body["predictions"]
+    ]
+    gradcam = body["gradcam"]
+    heatmap = gradcam.get("overlay_png") if gradcam.get("status") == "ok" else None
+    return results, heatmap

@@ -22,6 +22,7 @@ from dermal_fn import bundle as bundle_format
 from dermal_fn.errors import BundleError, InvalidOption
 from dermal_fn.gradcam import grad_cam
 from dermal_fn.head import Head, Score
+from dermal_fn.imaging import InputScale
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +49,18 @@ class ModelInfo:
     labels: tuple[str, ...]
     layer: str
     input_size: tuple[int, int]
-    input_scale: str
+    input_scale: InputScale
     resize: str
     quantization: str
 
     def as_json(self) -> dict[str, Any]:
         """The contract's ``model`` object."""
-        return {"name": self.name, "sha256": self.sha256, "backend": self.backend, "labels": list(self.labels)}
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "backend": self.backend,
+            "labels": list(self.labels),
+        }
 
 
 class Engine:
@@ -74,7 +80,9 @@ class Engine:
             return int(np.argmax(probabilities))
         if isinstance(value, str) and not value.lstrip("-").isdigit():
             if value not in labels:
-                raise InvalidOption(f"expected class to be an index 0..{len(labels) - 1} or one of {list(labels)}, found {value!r}")
+                raise InvalidOption(
+                    f"expected class to be an index 0..{len(labels) - 1} or one of {list(labels)}, found {value!r}"
+                )
             return labels.index(value)
         index = int(value)
         if not 0 <= index < len(labels):
@@ -97,7 +105,9 @@ class Engine:
         model_done = time.perf_counter()
         grid = None
         if gradcam:
-            gradient = self.head.backward(result, self.head.score_gradient(result, class_index=target, score=score))
+            gradient = self.head.backward(
+                result, self.head.score_gradient(result, class_index=target, score=score)
+            )
             grid = grad_cam(features, gradient)
         done = time.perf_counter()
         return Inference(

@@ -193,17 +193,21 @@ def verify(
             for class_index in sorted({ours.class_index, (ours.class_index + 1) % n_classes}):
                 mine = bundle_engine.head.forward(features)
                 grad = bundle_engine.head.backward(
-                    mine, bundle_engine.head.score_gradient(mine, class_index=class_index, score=score)  # type: ignore[arg-type]
+                    mine,
+                    bundle_engine.head.score_gradient(mine, class_index=class_index, score=score),
                 )
                 tensor = tf.convert_to_tensor(features)
                 with tf.GradientTape() as tape:
                     tape.watch(tensor)
                     logits = tape_head.logits(tensor)
                     probs = tape_head.probabilities(logits)
-                    value = tape_head.score(logits, probs, class_index=class_index, score=score)  # type: ignore[arg-type]
+                    value = tape_head.score(logits, probs, class_index=class_index, score=score)
                 tf_grad = tape.gradient(value, tensor).numpy()
                 head_p = max(head_p, float(np.max(np.abs(mine.probabilities - probs.numpy()[0]))))
-                head_h = max(head_h, float(np.max(np.abs(grad_cam(features, grad) - grad_cam(features, tf_grad)))))
+                head_h = max(
+                    head_h,
+                    float(np.max(np.abs(grad_cam(features, grad) - grad_cam(features, tf_grad)))),
+                )
     return Verification(
         inputs=len(inputs),
         max_probability_diff=max_p,
@@ -243,7 +247,9 @@ def export_keras(
     started = time.perf_counter()
 
     logger.info("[1/5] loading %s", model_path.name)
-    keras_engine = KerasEngine(model_path, sha256=_sha256(model_path), layer=layer, input_scale=input_scale, resize=resize)
+    keras_engine = KerasEngine(
+        model_path, sha256=_sha256(model_path), layer=layer, input_scale=input_scale, resize=resize
+    )
     split_ = keras_engine.split
     head = keras_engine.head
     n_classes = head.n_classes
@@ -271,7 +277,10 @@ def export_keras(
     logger.info("[3/5] converting the backbone to LiteRT (quantization: %s)", quantize)
     t0 = time.perf_counter()
     backbone = convert_backbone(
-        split_.backbone, input_size=split_.input_size, quantize=quantize, calibration=calibration_inputs
+        split_.backbone,
+        input_size=split_.input_size,
+        quantize=quantize,
+        calibration=calibration_inputs,
     )
     logger.info("      backbone: %.1f MB in %.1f s", len(backbone) / 1e6, time.perf_counter() - t0)
 
@@ -316,7 +325,10 @@ def export_keras(
             report.head_max_heatmap_diff,
         )
         problems = []
-        if report.head_max_probability_diff > PROBABILITY_TOLERANCE or report.head_max_heatmap_diff > HEATMAP_TOLERANCE:
+        if (
+            report.head_max_probability_diff > PROBABILITY_TOLERANCE
+            or report.head_max_heatmap_diff > HEATMAP_TOLERANCE
+        ):
             problems.append(
                 f"the NumPy head differs from Keras (|Δp| {report.head_max_probability_diff:.2e}, "
                 f"|Δheatmap| {report.head_max_heatmap_diff:.2e})"
@@ -338,6 +350,9 @@ def export_keras(
     finally:
         staging.unlink(missing_ok=True)
     logger.info(
-        "[5/5] wrote %s (%.1f MB) in %.1f s", out_path, out_path.stat().st_size / 1e6, time.perf_counter() - started
+        "[5/5] wrote %s (%.1f MB) in %.1f s",
+        out_path,
+        out_path.stat().st_size / 1e6,
+        time.perf_counter() - started,
     )
     return report

@@ -99,7 +99,19 @@ def activation_forward(name: str, x: Array, params: Mapping[str, Any]) -> tuple[
 
 
 ELEMENTWISE_ACTIVATIONS = frozenset(
-    {"linear", "relu", "relu6", "leaky_relu", "sigmoid", "tanh", "silu", "swish", "gelu", "elu", "softplus"}
+    {
+        "linear",
+        "relu",
+        "relu6",
+        "leaky_relu",
+        "sigmoid",
+        "tanh",
+        "silu",
+        "swish",
+        "gelu",
+        "elu",
+        "softplus",
+    }
 )
 
 

@@ -109,14 +109,16 @@ def decode(
                 if scale >= 2:
                     image.draft("RGB", (width // scale, height // scale))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = to_rgb(image)
+            oriented = ImageOps.exif_transpose(image)
+            rgb = to_rgb(oriented)
     except (InvalidImage, UnsupportedMediaType):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"expected an image of sane size, found a decompression bomb ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
-        raise InvalidImage(f"expected a complete {kind} image, found a damaged one ({type(exc).__name__})") from exc
+        raise InvalidImage(
+            f"expected a complete {kind} image, found a damaged one ({type(exc).__name__})"
+        ) from exc
     return DecodedImage(rgb=rgb, format=kind, original_size=(width, height))
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from dermal_fn.engine import Engine, Inference, ModelInfo
 from dermal_fn.gradcam import grad_cam
 from dermal_fn.head import Score
+from dermal_fn.imaging import InputScale
 from dermal_fn.keras_split import Split, build_head, split
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def read_labels(path: str | Path | None, n_classes: int) -> tuple[str, ...]:
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     labels = tuple(line for line in lines if line)
     if len(labels) != n_classes:
-        raise ExportError(f"expected {n_classes} labels (one per line) in {Path(path).name}, found {len(labels)}")
+        raise ExportError(
+            f"expected {n_classes} labels (one per line) in {Path(path).name}, found {len(labels)}"
+        )
     if len(set(labels)) != len(labels):
         raise ExportError(f"expected distinct labels in {Path(path).name}, found duplicates")
     return labels
@@ -66,7 +69,11 @@ class TapeHead:
         self.output_activation = "none"
         last = self.layers[-1] if self.layers else None
         if last is not None:
-            act = keras.activations.serialize(getattr(last, "activation", None)) if hasattr(last, "activation") else None
+            act = (
+                keras.activations.serialize(getattr(last, "activation", None))
+                if hasattr(last, "activation")
+                else None
+            )
             if type(last).__name__ == "Dense" and act in ("softmax", "sigmoid"):
                 self.final = self.layers.pop()
                 self.output_activation = str(act)
@@ -121,7 +128,7 @@ class KerasEngine(Engine):
         sha256: str,
         layer: str | None = None,
         labels: tuple[str, ...] | None = None,
-        input_scale: str = "raw",
+        input_scale: InputScale = "raw",
         resize: str = "bilinear",
     ) -> None:
         path = Path(path)

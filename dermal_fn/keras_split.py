@@ -121,7 +121,9 @@ def split(model: Any, *, layer: str | None = None) -> Split:
         raise ExportError(f"expected a layer named {name!r} in the model, found none")
     target = flat[positions[-1]][1]
     if _output_rank(target) != 4:
-        raise ExportError(f"expected layer {name!r} to output a 4-D feature map, found rank {_output_rank(target)}")
+        raise ExportError(
+            f"expected layer {name!r} to output a 4-D feature map, found rank {_output_rank(target)}"
+        )
     head_layers = [leaf for _, leaf in flat[positions[-1] + 1 :] if type(leaf).__name__ != "InputLayer"]
     backbone = _backbone_to(model, name)
     in_shape = tuple(model.inputs[0].shape)
@@ -181,7 +183,10 @@ def layer_to_ops(layer: Any) -> list[Op]:
         if getattr(layer, "lora_enabled", False):
             raise refuse("expected a plain Dense, found LoRA enabled")
         if act == "softmax":
-            return [Op("dense", name, {"activation": "linear"}, arrays), Op("activation", f"{name}_softmax", {"activation": "softmax"})]
+            return [
+                Op("dense", name, {"activation": "linear"}, arrays),
+                Op("activation", f"{name}_softmax", {"activation": "softmax"}),
+            ]
         return [Op("dense", name, {"activation": act, **params}, arrays)]
     if kind == "Activation":
         act, params = activation_name(layer.activation)
@@ -196,7 +201,13 @@ def layer_to_ops(layer: Any) -> list[Op]:
         }
         return [Op("activation", name, {"activation": "relu", **params})]
     if kind == "LeakyReLU":
-        return [Op("activation", name, {"activation": "leaky_relu", "negative_slope": float(layer.negative_slope)})]
+        return [
+            Op(
+                "activation",
+                name,
+                {"activation": "leaky_relu", "negative_slope": float(layer.negative_slope)},
+            )
+        ]
     if kind == "Softmax":
         if tuple(np.atleast_1d(layer.axis)) not in ((-1,),):
             raise refuse(f"expected softmax over the last axis, found axis={layer.axis}")

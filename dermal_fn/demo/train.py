@@ -125,9 +125,7 @@ def train(
     tf.config.experimental.enable_op_determinism()
 
     train_set = generate_batch(n_train, seed=data_seed(seed, _TRAIN_STREAM), size=size)
-    validation_set = generate_batch(
-        n_validation, seed=data_seed(seed, _VALIDATION_STREAM), size=size
-    )
+    validation_set = generate_batch(n_validation, seed=data_seed(seed, _VALIDATION_STREAM), size=size)
     logger.info(
         "generated data",
         extra={"n_train": n_train, "n_validation": n_validation, "seconds": _since(started)},
@@ -304,9 +302,7 @@ class _JsonLineFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update(
-            (key, value) for key, value in record.__dict__.items() if key not in self._RESERVED
-        )
+        entry.update((key, value) for key, value in record.__dict__.items() if key not in self._RESERVED)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -341,9 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model_path": str(model_path),
         "labels_path": str(model_path.with_name(LABELS_FILENAME)),
         "model_bytes": model_path.stat().st_size,
-        "validation_accuracy": round(
-            validation_accuracy(model_path, n=args.validation, seed=args.seed), 4
-        ),
+        "validation_accuracy": round(validation_accuracy(model_path, n=args.validation, seed=args.seed), 4),
     }
     if args.pointing:
         summary["pointing_game"] = round(pointing_game(model_path, n=args.pointing), 4)

@@ -1,0 +1,368 @@
+"""HTTP: routes, request parsing, responses, and the one table from errors to statuses.
+
+Uploads are read into memory with a hard size bound (never spooled to disk, never logged).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from importlib import resources
+from typing import Any
+
+import flask
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+
+from dermal_fn import errors
+from dermal_fn.options import PredictOptions
+from dermal_fn.service import Service, get_service
+
+logger = logging.getLogger(__name__)
+
+# error class -> (status, code); looked up along the class's MRO, most specific first
+ERROR_TABLE: dict[type[errors.DermalError], tuple[int, str]] = {
+    errors.InvalidRequest: (400, "invalid_request"),
+    errors.InvalidImage: (400, "invalid_image"),
+    errors.Unauthorized: (401, "unauthorized"),
+    errors.NotFound: (404, "not_found"),
+    errors.MethodNotAllowed: (405, "method_not_allowed"),
+    errors.PayloadTooLarge: (413, "payload_too_large"),
+    errors.UnsupportedMediaType: (415, "unsupported_media_type"),
+    errors.InvalidOption: (422, "invalid_option"),
+    errors.RequestError: (400, "invalid_request"),
+    errors.ModelUnavailable: (503, "model_unavailable"),
+    errors.Overloaded: (503, "overloaded"),
+    errors.ServiceUnavailable: (503, "unavailable"),
+    errors.ConfigError: (503, "misconfigured"),
+    errors.DermalError: (500, "internal_error"),
+}
+
+IMAGE_TYPES_HINT = (
+    "multipart/form-data (field 'image'), image/*, application/octet-stream or application/json"
+)
+PUBLIC_ROUTES = frozenset({"/health", "/", "/openapi.json"})
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET", "HEAD", "POST"),
+    "/predict": ("POST",),
+    "/health": ("GET", "HEAD"),
+    "/memory": ("GET", "HEAD"),
+    "/openapi.json": ("GET", "HEAD"),
+}
+
+
+def status_for(exc: errors.DermalError) -> tuple[int, str]:
+    """The HTTP status and error code for an exception, from ERROR_TABLE."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return 500, "internal_error"
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> flask.Response:
+    """A JSON response with no caching (answers are about private photos)."""
+    response = flask.Response(json.dumps(body, allow_nan=False), status=status, mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def error_response(exc: errors.DermalError) -> flask.Response:
+    """The contract's error body with its status (and Retry-After for 503, Allow for 405)."""
+    status, code = status_for(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, errors.ServiceUnavailable):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, errors.MethodNotAllowed) and exc.allowed:
+        headers["Allow"] = ", ".join(exc.allowed)
+    if isinstance(exc, errors.Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="dermal-fn"'
+    return json_response({"error": {"code": code, "message": str(exc)}}, status, headers)
+
+
+# --- request parsing -------------------------------------------------------------------------------
+
+
+def read_body(request: flask.Request, *, limit: int) -> bytes:
+    """The whole body, refusing (413) from Content-Length or while streaming past ``limit`` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise errors.PayloadTooLarge(
+            f"expected a body of at most {limit / 1048576:g} MB, found Content-Length {declared / 1048576:.1f} MB"
+        )
+    buffer = io.BytesIO()
+    stream = request.stream
+    try:
+        while True:
+            chunk = stream.read(min(1 << 16, limit + 1 - buffer.tell()))
+            if not chunk:
+                break
+            buffer.write(chunk)
+            if buffer.tell() > limit:
+                raise errors.PayloadTooLarge(f"expected a body of at most {limit / 1048576:g} MB, found more")
+    except (ClientDisconnected, RequestEntityTooLarge) as exc:
+        raise errors.InvalidRequest(
+            f"expected a complete body, found the upload cut short ({type(exc).__name__})"
+        ) from exc
+    return buffer.getvalue()
+
+
+def _memory_stream(*args: Any, **kwargs: Any) -> io.BytesIO:
+    """Werkzeug stream factory that keeps file parts in memory (the default spools to disk)."""
+    return io.BytesIO()
+
+
+def parse_upload(request: flask.Request, *, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The image bytes and the options (query, then form fields or JSON keys) of a predict request."""
+    options: dict[str, Any] = {
+        k: v for k, v in request.args.items() if k in ("top_k", "class", "score", "gradcam")
+    }
+    mimetype = (request.mimetype or "").lower()
+    body = read_body(request, limit=limit)
+    if mimetype == "multipart/form-data":
+        parser = FormDataParser(
+            stream_factory=_memory_stream,
+            max_form_memory_size=limit,
+            max_content_length=limit,
+            max_form_parts=100,
+        )
+        try:
+            _, form, files = parser.parse(
+                io.BytesIO(body), mimetype, len(body), dict(request.mimetype_params)
+            )
+        except (ValueError, HTTPException) as exc:
+            raise errors.InvalidRequest(
+                f"expected a well-formed multipart/form-data body, found: {_describe(exc)}"
+            ) from exc
+        options.update({k: v for k, v in form.items() if k in ("top_k", "class", "score", "gradcam")})
+        image = _multipart_image(form, files)
+        if not body or (not files and not form):
+            raise errors.InvalidRequest(
+                "expected a multipart/form-data body with a file field 'image', found no parts"
+            )
+        return image, options
+    if mimetype == "application/json":
+        return _json_image(body, options)
+    if mimetype.startswith("image/") or mimetype in ("application/octet-stream", ""):
+        if not body:
+            raise errors.InvalidImage("expected image bytes in the body, found an empty body")
+        return body, options
+    raise errors.UnsupportedMediaType(f"expected {IMAGE_TYPES_HINT}, found Content-Type {mimetype!r}")
+
+
+def _multipart_image(form: MultiDict[str, str], files: MultiDict[str, Any]) -> bytes:
+    storage = files.get("image")
+    if storage is not None:
+        data = storage.stream.read()
+        storage.stream.close()
+        if not data:
+            raise errors.InvalidImage("expected image bytes in multipart field 'image', found an empty file")
+        return bytes(data)
+    if "image" in form:
+        raise errors.InvalidRequest(
+            "expected multipart field 'image' to be a file upload, found a text field"
+        )
+    names = sorted(set(files) | set(form))
+    raise errors.InvalidRequest(f"expected a multipart file field 'image', found fields {names[:10]}")
+
+
+def _json_image(body: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    if not body:
+        raise errors.InvalidRequest('expected a JSON object {"image_base64": "..."}, found an empty body')
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidRequest(
+            f'expected a JSON object {{"image_base64": "..."}}, found invalid JSON ({_describe(exc)})'
+        ) from exc
+    if not isinstance(data, dict):
+        raise errors.InvalidRequest(
+            f'expected a JSON object {{"image_base64": "..."}}, found a JSON {type(data).__name__}'
+        )
+    encoded = data.get("image_base64")
+    if not isinstance(encoded, str) or not encoded.strip():
+        raise errors.InvalidRequest(
+            'expected a non-empty string "image_base64" in the JSON object, found none'
+        )
+    options.update({k: data[k] for k in ("top_k", "class", "score", "gradcam") if k in data})
+    text = encoded.strip()
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    text = "".join(text.split())
+    try:
+        image = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise errors.InvalidRequest(
+            "expected standard base64 in image_base64, found invalid characters or padding"
+        ) from exc
+    if not image:
+        raise errors.InvalidImage("expected image bytes in image_base64, found nothing")
+    return image, options
+
+
+def _describe(exc: BaseException) -> str:
+    text = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    text = str(text).splitlines()[0] if text else type(exc).__name__
+    return text[:200]
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+def _authorised(request: flask.Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise errors.Unauthorized(
+            "expected header 'Authorization: Bearer <API_KEY>', found none or a wrong key"
+        )
+
+
+def health(service: Service) -> flask.Response:
+    """Liveness and model state; the first call starts loading the model in the background."""
+    holder = service.holder
+    engine = holder.engine
+    if engine is None:
+        holder.warm()
+    body: dict[str, Any] = {"status": "ok", "model_loaded": engine is not None}
+    if engine is not None:
+        body["model"] = {**engine.info.as_json(), "quantization": engine.info.quantization}
+        body["load_seconds"] = round(holder.load_seconds or 0.0, 3)
+    elif holder.error is not None:
+        body["status"] = "error"
+        body["error"] = {"code": "model_unavailable", "message": holder.error}
+    else:
+        body["loading"] = True
+    body["gradcam_enabled"] = service.settings.enable_gradcam
+    return json_response(body)
+
+
+def memory_route(service: Service) -> flask.Response:
+    """The seed's /memory shape, with the container limit."""
+    return json_response(
+        {
+            "status": "ok",
+            "memory": service.memory_status(),
+            "model_loaded": service.holder.engine is not None,
+            "gradcam_enabled": service.settings.enable_gradcam,
+        }
+    )
+
+
+def page() -> flask.Response:
+    """The upload page."""
+    html = resources.files("dermal_fn").joinpath("static/index.html").read_text(encoding="utf-8")
+    response = flask.Response(html, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+        "script-src 'self' 'unsafe-inline'; connect-src 'self'"
+    )
+    return response
+
+
+def openapi() -> flask.Response:
+    """The OpenAPI description of this API."""
+    text = resources.files("dermal_fn").joinpath("static/openapi.json").read_text(encoding="utf-8")
+    return flask.Response(text, mimetype="application/json")
+
+
+def predict(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
+    """POST /predict: the contract's 200 body."""
+    image, raw_options = parse_upload(request, limit=service.settings.max_upload_bytes)
+    options = PredictOptions.parse(raw_options)
+    result = service.predict(image, options)
+    del image
+    log["model_sha256"] = result.body["model"]["sha256"]
+    log["timing_ms"] = result.body["timing_ms"]
+    log["gradcam"] = result.gradcam_status
+    return json_response(result.body)
+
+
+def _cors(request: flask.Request, response: flask.Response, origins: tuple[str, ...]) -> flask.Response:
+    origin = request.headers.get("Origin")
+    if origin and (origin in origins or "*" in origins):
+        response.headers["Access-Control-Allow-Origin"] = origin if "*" not in origins else "*"
+        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    return response
+
+
+def handle(request: flask.Request, *, service_factory: Callable[[], Service] = get_service) -> flask.Response:
+    """Route one request. Every client mistake becomes a JSON error; nothing here logs image data."""
+    started = time.perf_counter()
+    route = "/" + request.path.strip("/")
+    method = request.method.upper()
+    request_id = request.headers.get("X-Request-Id") or _trace_id(request) or uuid.uuid4().hex
+    log: dict[str, Any] = {"request_id": request_id, "route": route, "method": method}
+    try:
+        service = service_factory()
+    except errors.ConfigError as exc:
+        response = error_response(exc)
+        _log_request(log, response.status_code, started)
+        return response
+    try:
+        if route not in ROUTES:
+            raise errors.NotFound(f"expected one of {sorted(ROUTES)}, found {route!r}")
+        if method == "OPTIONS" and service.settings.cors_origins:
+            response = flask.Response(status=204)
+        elif method not in ROUTES[route]:
+            raise errors.MethodNotAllowed(
+                f"expected {' or '.join(ROUTES[route])} for {route}, found {method}",
+                allowed=ROUTES[route],
+            )
+        elif route == "/health":
+            response = health(service)
+        elif route == "/openapi.json":
+            response = openapi()
+        elif route == "/" and method in ("GET", "HEAD"):
+            response = page()
+        else:
+            _authorised(request, service.settings.api_key)
+            response = memory_route(service) if route == "/memory" else predict(request, service, log)
+    except errors.DermalError as exc:
+        response = error_response(exc)
+        if response.status_code >= 500:
+            log["error"] = str(exc)
+        else:
+            log["error_code"] = status_for(exc)[1]
+    except Exception:
+        logger.exception(
+            "unexpected error", extra={"json_fields": {"request_id": request_id, "route": route}}
+        )
+        response = json_response(
+            {
+                "error": {
+                    "code": "internal_error",
+                    "message": "unexpected server error; it has been logged",
+                }
+            },
+            500,
+        )
+    response.headers["X-Request-Id"] = request_id
+    response = _cors(request, response, service.settings.cors_origins)
+    _log_request(log, response.status_code, started)
+    return response
+
+
+def _trace_id(request: flask.Request) -> str | None:
+    header = request.headers.get("X-Cloud-Trace-Context")
+    return header.split("/", 1)[0] if header else None
+
+
+def _log_request(log: dict[str, Any], status: int, started: float) -> None:
+    log["status"] = status
+    log["latency_ms"] = round((time.perf_counter() - started) * 1e3, 2)
+    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    logger.log(level, "request", extra={"json_fields": log})

@@ -1,0 +1,87 @@
+"""Prediction options (top_k, class, score, gradcam), validated the same way for HTTP and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dermal_fn.config import parse_bool
+from dermal_fn.errors import ConfigError, InvalidOption
+from dermal_fn.head import SCORES, Score
+
+DEFAULT_TOP_K = 3
+KNOWN = ("top_k", "class", "score", "gradcam")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What a caller asked for."""
+
+    top_k: int = DEFAULT_TOP_K
+    class_: int | str | None = None  # index or label; None: the most probable class
+    score: Score = "logit"
+    gradcam: bool | None = None  # None: ENABLE_GRADCAM decides
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any]) -> PredictOptions:
+        """Options from query parameters, form fields or JSON keys; 422 for bad values."""
+        top_k = DEFAULT_TOP_K
+        raw = values.get("top_k")
+        if raw is not None and raw != "":
+            if isinstance(raw, bool) or not _is_int(raw):
+                raise InvalidOption(f"expected top_k to be a whole number >= 1, found {_show(raw)}")
+            top_k = int(raw)
+            if top_k < 1:
+                raise InvalidOption(f"expected top_k >= 1, found {top_k}")
+        class_: int | str | None = None
+        raw = values.get("class")
+        if raw is not None and raw != "":
+            if isinstance(raw, (bool, float)) or not isinstance(raw, (int, str)):
+                raise InvalidOption(f"expected class to be an index or a label, found {_show(raw)}")
+            class_ = int(raw) if isinstance(raw, int) or _is_int(raw) else str(raw)
+        score: Score = "logit"
+        raw = values.get("score")
+        if raw is not None and raw != "":
+            if raw not in SCORES:
+                raise InvalidOption(f"expected score to be one of {list(SCORES)}, found {_show(raw)}")
+            score = raw
+        gradcam: bool | None = None
+        raw = values.get("gradcam")
+        if raw is not None and raw != "":
+            if not isinstance(raw, (bool, str)):
+                raise InvalidOption(f"expected gradcam to be true or false, found {_show(raw)}")
+            try:
+                gradcam = parse_bool(raw, name="gradcam")
+            except ConfigError:
+                raise InvalidOption(f"expected gradcam to be true or false, found {_show(raw)}") from None
+        return cls(top_k=top_k, class_=class_, score=score, gradcam=gradcam)
+
+    def checked(self, labels: tuple[str, ...]) -> PredictOptions:
+        """Check top_k and class against the model's labels."""
+        n = len(labels)
+        if self.top_k > n:
+            raise InvalidOption(
+                f"expected top_k between 1 and {n} (the model has {n} classes), found {self.top_k}"
+            )
+        if isinstance(self.class_, int) and not 0 <= self.class_ < n:
+            raise InvalidOption(f"expected class index 0..{n - 1}, found {self.class_}")
+        if isinstance(self.class_, str) and self.class_ not in labels:
+            raise InvalidOption(
+                f"expected class to be an index 0..{n - 1} or one of {list(labels)}, found {_show(self.class_)}"
+            )
+        return self
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        text = value.strip()
+        return text.lstrip("+-").isdigit() and len(text) <= 12
+    return False
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,320 @@
+"""The service: one model per process (lazy, under a lock), a bounded inference queue, the answer body.
+
+Nothing happens at import. gunicorn imports ``main.py`` in its master and forks the worker, so the
+model, its interpreter threads and the storage client are made on the first request (or the first
+``/health``) in the worker that serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dermal_fn import imaging, memory, render
+from dermal_fn.config import Settings
+from dermal_fn.engine import Engine, load_engine
+from dermal_fn.errors import DermalError, ModelUnavailable, Overloaded
+from dermal_fn.options import PredictOptions
+
+logger = logging.getLogger(__name__)
+
+
+class ModelHolder:
+    """Loads the model once per process; concurrent callers wait for that one load (bounded)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._error: str | None = None
+        self._attempts = 0
+        self._attempt_failed_at: dict[int, float] = {}
+        self._warming: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self.loaded_at: float | None = None
+        self.load_seconds: float | None = None
+        self.fetch_info: dict[str, Any] = {}
+
+    @property
+    def engine(self) -> Engine | None:
+        """The loaded engine, if any (never blocks)."""
+        return self._engine
+
+    @property
+    def error(self) -> str | None:
+        """Why the last load failed, while no model is loaded."""
+        return self._error
+
+    @property
+    def loading(self) -> bool:
+        """True while a load is under way."""
+        return self._lock.locked() and self._engine is None
+
+    def get(self) -> Engine:
+        """The engine, loading it first if needed; ModelUnavailable on failure or timeout."""
+        engine = self._engine
+        if engine is not None:
+            return engine
+        attempt_seen = self._attempts
+        if not self._lock.acquire(timeout=self.settings.model_load_timeout_s):
+            raise ModelUnavailable(
+                f"expected the model to load within {self.settings.model_load_timeout_s:g} s, "
+                "found it still loading; retry shortly"
+            )
+        try:
+            if self._engine is not None:
+                return self._engine
+            if self._attempts > attempt_seen and self._error is not None:
+                # a load finished and failed while we waited: share its answer, don't hammer storage
+                raise ModelUnavailable(f"model unavailable: {self._error}")
+            return self._load()
+        finally:
+            self._lock.release()
+
+    def _load(self) -> Engine:
+        from model_fetch import FetchError, fetch_model
+
+        self._attempts += 1
+        started = time.perf_counter()
+        settings = self.settings
+        try:
+            fetched = fetch_model(
+                settings.model_uri,
+                cache_dir=settings.model_cache_dir,
+                expected_sha256=settings.model_sha256,
+                timeout_s=settings.model_fetch_timeout_s,
+            )
+            engine = load_engine(fetched.path, sha256=fetched.sha256, num_threads=settings.litert_threads)
+        except (FetchError, DermalError, OSError) as exc:
+            self._error = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "model load failed",
+                extra={"json_fields": {"model_uri": settings.model_uri, "error": self._error}},
+            )
+            raise ModelUnavailable(f"model unavailable: {self._error}") from exc
+        self.load_seconds = time.perf_counter() - started
+        self.loaded_at = time.time()
+        self.fetch_info = {
+            "source": fetched.source,
+            "generation": fetched.generation,
+            "downloaded": fetched.downloaded,
+            "fetch_seconds": round(fetched.seconds, 3),
+        }
+        self._engine = engine
+        self._error = None
+        logger.info(
+            "model loaded",
+            extra={
+                "json_fields": {
+                    "model": engine.info.name,
+                    "sha256": engine.info.sha256,
+                    "backend": engine.info.backend,
+                    "threads": settings.litert_threads,
+                    "load_seconds": round(self.load_seconds, 3),
+                    **self.fetch_info,
+                }
+            },
+        )
+        return engine
+
+    def warm(self) -> None:
+        """Start loading in the background (a platform's health check warms the instance)."""
+        if self._engine is not None or self._lock.locked():
+            return
+        with self._state_lock:
+            if self._warming is not None and self._warming.is_alive():
+                return
+            self._warming = threading.Thread(target=self._warm, name="dermal-warm", daemon=True)
+            self._warming.start()
+
+    def _warm(self) -> None:
+        with contextlib.suppress(ModelUnavailable):  # recorded in self.error, reported by /health
+            self.get()
+
+
+class InferenceGate:
+    """At most ``concurrency`` requests decode and infer at once; at most ``max_queue`` wait."""
+
+    def __init__(self, *, concurrency: int, max_queue: int, timeout_s: float) -> None:
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._waiting = 0
+        self._guard = threading.Lock()
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot now."""
+        return self._waiting
+
+    def __enter__(self) -> InferenceGate:
+        if self._slots.acquire(blocking=False):
+            return self
+        with self._guard:
+            if self._waiting >= self.max_queue:
+                raise Overloaded(f"expected at most {self.max_queue} queued requests, found the queue full")
+            self._waiting += 1
+        try:
+            if not self._slots.acquire(timeout=self.timeout_s):
+                raise Overloaded(f"expected a free model slot within {self.timeout_s:g} s, found none")
+        finally:
+            with self._guard:
+                self._waiting -= 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._slots.release()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A finished prediction: the JSON body and what logs may say about it."""
+
+    body: dict[str, Any]
+    class_index: int
+    gradcam_status: str
+
+
+class Service:
+    """Settings, the model holder and the gate of one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.holder = ModelHolder(settings)
+        self.gate = InferenceGate(
+            concurrency=1, max_queue=settings.max_queue, timeout_s=settings.queue_timeout_s
+        )
+
+    def memory_status(self) -> dict[str, Any]:
+        """RSS, percent of the limit, the limit itself and the soft limit."""
+        rss = memory.rss_mb()
+        limit = self.settings.memory_limit_mb
+        total = limit if limit is not None else memory.psutil.virtual_memory().total / 1e6
+        return {
+            "rss_mb": round(rss, 1),
+            "percent": round(100.0 * rss / total, 2) if total else 0.0,
+            "limit_mb": round(limit, 1) if limit is not None else None,
+            "soft_limit_mb": round(self.settings.memory_soft_limit_mb, 1)
+            if self.settings.memory_soft_limit_mb is not None
+            else None,
+            "peak_rss_mb": _round(memory.peak_rss_mb()),
+        }
+
+    def predict(
+        self,
+        image_bytes: bytes,
+        options: PredictOptions,
+        *,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> Prediction:
+        """Decode, run the model, explain: the contract's 200 body."""
+        started = timer()
+        engine = self.holder.get()
+        info = engine.info
+        options = options.checked(info.labels)
+        with self.gate:
+            t0 = timer()
+            decoded = imaging.decode(
+                image_bytes,
+                min_side=max(imaging.DISPLAY_SIDE, *info.input_size),
+                max_pixels=int(self.settings.max_image_megapixels * 1e6),
+            )
+            pixels = imaging.model_input(
+                decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
+            )
+            photo = imaging.display_copy(decoded.rgb)
+            del decoded  # the full decode is the largest object of a request; free it before inference
+            decode_ms = (timer() - t0) * 1e3
+
+            wanted = self.settings.enable_gradcam if options.gradcam is None else options.gradcam
+            gradcam_body: dict[str, Any]
+            skip_reason = None
+            if not wanted:
+                gradcam_body = {"status": "disabled"}
+            else:
+                soft = self.settings.memory_soft_limit_mb
+                rss = memory.rss_mb()
+                if soft is not None and rss > soft:
+                    skip_reason = rss
+                    gradcam_body = {
+                        "status": "skipped",
+                        "reason": "memory_pressure",
+                        "rss_mb": round(rss, 1),
+                        "limit_mb": round(soft, 1),
+                    }
+            do_gradcam = wanted and skip_reason is None
+            inference = engine.run(
+                pixels, class_index=options.class_, score=options.score, gradcam=do_gradcam
+            )
+            render_ms = 0.0
+            if do_gradcam and inference.grid is not None:
+                t1 = timer()
+                overlay = render.overlay_png_base64(photo, inference.grid)
+                render_ms = (timer() - t1) * 1e3
+                gradcam_body = {
+                    "status": "ok",
+                    "class_index": inference.class_index,
+                    "label": info.labels[inference.class_index],
+                    "layer": info.layer,
+                    "score": inference.score,
+                    "grid": np.round(inference.grid, 4).tolist(),
+                    "overlay_png": overlay,
+                }
+        order = np.argsort(-inference.probabilities, kind="stable")[: options.top_k]
+        body = {
+            "model": info.as_json(),
+            "predictions": [
+                {
+                    "index": int(i),
+                    "label": info.labels[int(i)],
+                    "probability": round(float(inference.probabilities[i]), 6),
+                }
+                for i in order
+            ],
+            "gradcam": gradcam_body,
+            "timing_ms": {
+                "decode": round(decode_ms, 2),
+                "model": round(inference.model_ms, 2),
+                "gradcam": round(inference.gradcam_ms + render_ms, 2),
+                "total": round((timer() - started) * 1e3, 2),
+            },
+        }
+        return Prediction(body=body, class_index=inference.class_index, gradcam_status=gradcam_body["status"])
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+_SERVICE: Service | None = None
+_SERVICE_LOCK = threading.Lock()
+
+
+def get_service() -> Service:
+    """The process's service, made on first use from the environment (never at import)."""
+    global _SERVICE
+    service = _SERVICE
+    if service is not None:
+        return service
+    with _SERVICE_LOCK:
+        if _SERVICE is None:
+            _SERVICE = Service(Settings.from_env())
+        return _SERVICE
+
+
+def reset_service(settings: Settings | None = None) -> Service | None:
+    """Drop the process's service (tests, or a config reload); optionally install a new one."""
+    global _SERVICE
+    with _SERVICE_LOCK:
+        old = _SERVICE
+        _SERVICE = Service(settings) if settings is not None else None
+    if old is not None and old.holder.engine is not None:
+        old.holder.engine.close()
+    return _SERVICE
