@@ -25,8 +25,8 @@ def predict_skin_with_explanation(
 
     service = get_service()
     labels = service.holder.get().info.labels
-    options = PredictOptions(top_k=max(1, min(int(top_k), len(labels))), gradcam=enable_gradcam)
-    body = service.predict(image_bytes, options).body
+    options = PredictOptions(top_k=max(1, min(int(top_k), len(labels))))
+    body = service.predict(image_bytes, options, enable_gradcam=enable_gradcam).body
     results: list[dict[str, object]] = [
         {"class": p["label"], "probability": round(100.0 * float(p["probability"]), 2)}
         for p in body["predictions"]

@@ -37,13 +37,13 @@ class Settings:
     model_sha256: str | None = None
     model_cache_dir: str | None = None
     enable_gradcam: bool = True
-    memory_limit_mb: float | None = None  # the container's limit (cgroup) or MEMORY_LIMIT_MB
-    memory_soft_limit_mb: float | None = None  # above it heatmaps are skipped
+    memory_limit_mb: float | None = None  # MEMORY_LIMIT_MB, else the container's limit (cgroup); MiB
+    memory_soft_limit_mb: float | None = None  # above it heatmaps are skipped; default 90 % of the limit
     max_upload_mb: float = 10.0
     max_image_megapixels: float = 50.0
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    litert_threads: int = 1
+    litert_threads: int = 1  # LITERT_THREADS, else the cgroup CPU quota rounded up (at least 1)
     max_queue: int = 8  # requests waiting for the model beyond the one running
     queue_timeout_s: float = 30.0
     model_load_timeout_s: float = 120.0
@@ -86,7 +86,9 @@ class Settings:
         soft = number("MEMORY_SOFT_LIMIT_MB", None, minimum=0.0)
         if soft is None and limit is not None:
             soft = 0.9 * limit
-        threads = number("LITERT_THREADS", None, minimum=1.0)
+        threads = get("LITERT_THREADS")
+        if threads is not None and not (threads.isdigit() and int(threads) >= 1):
+            raise ConfigError(f"expected LITERT_THREADS to be a whole number >= 1, found {threads!r}")
         origins = tuple(o.strip() for o in (get("CORS_ORIGINS") or "").split(",") if o.strip())
         return cls(
             model_uri=get("MODEL_URI") or str(DEMO_BUNDLE),

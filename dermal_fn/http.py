@@ -230,22 +230,31 @@ def _authorised(request: flask.Request, api_key: str | None) -> None:
 
 
 def health(service: Service) -> flask.Response:
-    """Liveness and model state; the first call starts loading the model in the background."""
+    """Liveness and model state (``model_state``: idle, loading, loaded or error).
+
+    The first call starts loading the model in the background, so a platform's health check warms
+    the instance. A failed load answers 503 with ``"status": "error"`` and the reason.
+    """
     holder = service.holder
     engine = holder.engine
-    if engine is None:
-        holder.warm()
-    body: dict[str, Any] = {"status": "ok", "model_loaded": engine is not None}
+    error = holder.error
+    warming = engine is None and holder.warm()
+    state = holder.state
+    if state == "idle" and warming:
+        state = "loading"  # the load just started in the background
+    body: dict[str, Any] = {"status": "ok", "model_loaded": engine is not None, "model_state": state}
+    status, headers = 200, {}
     if engine is not None:
         body["model"] = {**engine.info.as_json(), "quantization": engine.info.quantization}
         body["load_seconds"] = round(holder.load_seconds or 0.0, 3)
-    elif holder.error is not None:
+    elif state == "error" and error is not None:
         body["status"] = "error"
-        body["error"] = {"code": "model_unavailable", "message": holder.error}
+        body["error"] = {"code": "model_unavailable", "message": error}
+        status, headers = 503, {"Retry-After": str(errors.ModelUnavailable.retry_after_s)}
     else:
         body["loading"] = True
     body["gradcam_enabled"] = service.settings.enable_gradcam
-    return json_response(body)
+    return json_response(body, status, headers)
 
 
 def memory_route(service: Service) -> flask.Response:

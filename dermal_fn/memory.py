@@ -1,4 +1,11 @@
-"""Memory and CPU of this process and its container: RSS from /proc, limits from the cgroup."""
+"""Memory and CPU of this process and its container: RSS from /proc, limits from the cgroup.
+
+"MB" here means MiB (2**20 bytes), the unit container limits are given in: a 512 MB Render
+instance and ``--memory=512Mi`` both have ``memory.max`` = 536870912, reported as 512.0.
+
+The cgroup readers take the cgroup mount point and this process's ``/proc/self/cgroup`` as
+arguments, so they can be pointed at a folder tree laid out like ``/sys/fs/cgroup``.
+"""
 
 from __future__ import annotations
 
@@ -9,46 +16,75 @@ from pathlib import Path
 import psutil
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-_UNLIMITED_V1 = 1 << 60  # cgroup v1 writes a huge number for "no limit"
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+MIB = 1024 * 1024
+_UNLIMITED_V1 = 1 << 60  # cgroup v1 writes a huge number (page-rounded 2**63 - 1) for "no limit"
+_CONTROLLER_DIRS = {
+    "memory": ("memory",),
+    "cpu": ("cpu", "cpu,cpuacct", "cpuacct,cpu"),
+}
 
 
 def rss_mb() -> float:
     """Resident set size of this process in MB (from /proc via psutil)."""
-    return psutil.Process().memory_info().rss / 1e6
+    return float(psutil.Process().memory_info().rss) / MIB
 
 
-def peak_rss_mb() -> float | None:
-    """VmHWM, the peak resident set size of this process in MB, when /proc has it."""
+def peak_rss_mb(status_path: Path = Path("/proc/self/status")) -> float | None:
+    """VmHWM, the peak resident set size of a process in MB, when /proc has it."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in status_path.read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
+                return int(line.split()[1]) * 1024 / MIB
+    except (OSError, ValueError, IndexError):
         return None
     return None
 
 
-def _own_cgroup_dirs(root: Path) -> list[Path]:
-    """The cgroup folders of this process (v2 unified path and v1 memory/cpu paths), nearest first."""
-    dirs: list[Path] = []
+def host_memory_mb() -> float:
+    """The machine's total memory in MB (what ``percent`` is relative to without a container limit)."""
+    return float(psutil.virtual_memory().total) / MIB
+
+
+def _ancestors(root: Path, relative: str) -> list[Path]:
+    """``root/a/b/c``, ``root/a/b``, ``root/a``: a limit may be set on any ancestor cgroup."""
+    parts = [p for p in relative.strip("/").split("/") if p and p != ".."]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def cgroup_dirs(
+    controller: str, *, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP
+) -> list[Path]:
+    """The folders that may hold ``controller``'s limits for this process, nearest first.
+
+    cgroup v2 (``0::/path`` in /proc/self/cgroup): ``root/path`` and its ancestors, then ``root``
+    (inside a container with its own cgroup namespace the path is ``/`` and ``root`` is its cgroup).
+    cgroup v1 (``N:memory:/path``): ``root/memory/path`` and its ancestors, then ``root/memory``.
+    """
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
         lines = []
+    mounts = _CONTROLLER_DIRS[controller]
+    dirs: list[Path] = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        _, controllers, rel = parts
-        rel = rel.lstrip("/")
+        _, controllers, relative = parts
         if controllers == "":
-            dirs.append(root / rel)
-        for name in controllers.split(","):
-            if name in ("memory", "cpu", "cpu,cpuacct", "cpuacct"):
-                dirs.append(root / name / rel)
-                dirs.append(root / "cpu,cpuacct" / rel)
-    dirs.extend([root, root / "memory", root / "cpu", root / "cpu,cpuacct"])
-    return dirs
+            dirs.extend(_ancestors(root, relative))
+            dirs.extend(_ancestors(root / "unified", relative))  # hybrid hierarchy
+        elif controller in controllers.split(","):
+            for mount in mounts:
+                dirs.extend(_ancestors(root / mount, relative))
+    dirs.append(root)
+    dirs.extend(root / mount for mount in mounts)
+    unique: list[Path] = []
+    for folder in dirs:
+        if folder not in unique:
+            unique.append(folder)
+    return unique
 
 
 def _read(path: Path) -> str | None:
@@ -58,10 +94,14 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def cgroup_memory_limit_mb(root: Path = CGROUP_ROOT) -> float | None:
-    """The container's memory limit in MB: v2 ``memory.max`` or v1 ``memory.limit_in_bytes``."""
+def cgroup_memory_limit_mb(*, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
+    """The container's memory limit in MB: v2 ``memory.max`` or v1 ``memory.limit_in_bytes``.
+
+    The smallest limit over this process's cgroup and its ancestors; None when none is set
+    (``max``, or v1's "unlimited" huge number).
+    """
     limits = []
-    for folder in _own_cgroup_dirs(root):
+    for folder in cgroup_dirs("memory", root=root, proc_cgroup=proc_cgroup):
         for name in ("memory.max", "memory.limit_in_bytes"):
             value = _read(folder / name)
             if value is None or value == "max":
@@ -71,21 +111,26 @@ def cgroup_memory_limit_mb(root: Path = CGROUP_ROOT) -> float | None:
             except ValueError:
                 continue
             if 0 < number < _UNLIMITED_V1:
-                limits.append(number / 1e6)
+                limits.append(number / MIB)
     return min(limits) if limits else None
 
 
-def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
-    """CPUs allowed by the cgroup: v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``."""
-    for folder in _own_cgroup_dirs(root):
+def cgroup_cpu_quota(*, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
+    """CPUs the cgroup allows: v2 ``cpu.max`` (``quota period``) or v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``.
+
+    The smallest quota over this process's cgroup and its ancestors; None when unlimited
+    (``max`` or ``-1``).
+    """
+    quotas = []
+    for folder in cgroup_dirs("cpu", root=root, proc_cgroup=proc_cgroup):
         value = _read(folder / "cpu.max")
         if value:
             quota, _, period = value.partition(" ")
-            if quota != "max":
-                try:
-                    return int(quota) / int(period or "100000")
-                except ValueError:
-                    pass
+            try:
+                if quota != "max" and int(quota) > 0 and int(period or "100000") > 0:
+                    quotas.append(int(quota) / int(period or "100000"))
+            except ValueError:
+                pass
         quota_v1 = _read(folder / "cpu.cfs_quota_us")
         period_v1 = _read(folder / "cpu.cfs_period_us")
         if quota_v1 and period_v1:
@@ -94,17 +139,22 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
             except ValueError:
                 continue
             if q > 0 and p > 0:
-                return q / p
-    return None
+                quotas.append(q / p)
+    return min(quotas) if quotas else None
 
 
-def available_cpus() -> int:
-    """Whole CPUs this process may use: the cgroup quota rounded up, the affinity mask, at least 1."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
+def available_cpus(*, quota: float | None = None, affinity: int | None = None) -> int:
+    """Whole CPUs this process may use: the cgroup quota rounded up, within the affinity mask, at least 1.
+
+    ``quota`` and ``affinity`` default to this process's (``cgroup_cpu_quota()``, ``sched_getaffinity``).
+    """
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            affinity = os.cpu_count() or 1
+    if quota is None:
+        quota = cgroup_cpu_quota()
     if quota is not None:
         return max(1, min(affinity, math.ceil(quota)))
     return max(1, affinity)

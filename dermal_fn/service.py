@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,17 +26,24 @@ from dermal_fn.options import PredictOptions
 
 logger = logging.getLogger(__name__)
 
+ModelState = Literal["idle", "loading", "loaded", "error"]
+
 
 class ModelHolder:
-    """Loads the model once per process; concurrent callers wait for that one load (bounded)."""
+    """Loads the model once per process; concurrent callers wait for that one load (bounded).
+
+    A failed load is remembered (``error``) and shared with the callers that waited for it; the
+    next request tries again. Background warming (``warm``, from ``/health``) retries a failure
+    only after ``ModelUnavailable.retry_after_s``, so a polling health check does not hammer storage.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._error: str | None = None
-        self._attempts = 0
-        self._attempt_failed_at: dict[int, float] = {}
+        self._finished_attempts = 0
+        self._failed_at: float | None = None
         self._warming: threading.Thread | None = None
         self._state_lock = threading.Lock()
         self.loaded_at: float | None = None
@@ -57,12 +65,21 @@ class ModelHolder:
         """True while a load is under way."""
         return self._lock.locked() and self._engine is None
 
+    @property
+    def state(self) -> ModelState:
+        """``loaded``, ``loading``, ``error`` (the last load failed) or ``idle`` (never tried)."""
+        if self._engine is not None:
+            return "loaded"
+        if self._lock.locked():
+            return "loading"
+        return "error" if self._error is not None else "idle"
+
     def get(self) -> Engine:
         """The engine, loading it first if needed; ModelUnavailable on failure or timeout."""
         engine = self._engine
         if engine is not None:
             return engine
-        attempt_seen = self._attempts
+        attempts_seen = self._finished_attempts
         if not self._lock.acquire(timeout=self.settings.model_load_timeout_s):
             raise ModelUnavailable(
                 f"expected the model to load within {self.settings.model_load_timeout_s:g} s, "
@@ -71,7 +88,7 @@ class ModelHolder:
         try:
             if self._engine is not None:
                 return self._engine
-            if self._attempts > attempt_seen and self._error is not None:
+            if self._finished_attempts > attempts_seen and self._error is not None:
                 # a load finished and failed while we waited: share its answer, don't hammer storage
                 raise ModelUnavailable(f"model unavailable: {self._error}")
             return self._load()
@@ -81,7 +98,6 @@ class ModelHolder:
     def _load(self) -> Engine:
         from model_fetch import FetchError, fetch_model
 
-        self._attempts += 1
         started = time.perf_counter()
         settings = self.settings
         try:
@@ -92,13 +108,18 @@ class ModelHolder:
                 timeout_s=settings.model_fetch_timeout_s,
             )
             engine = load_engine(fetched.path, sha256=fetched.sha256, num_threads=settings.litert_threads)
-        except (FetchError, DermalError, OSError) as exc:
+        except Exception as exc:
             self._error = f"{type(exc).__name__}: {exc}"
+            self._failed_at = time.monotonic()
+            expected = isinstance(exc, (FetchError, DermalError, OSError))
             logger.error(
                 "model load failed",
+                exc_info=None if expected else exc,
                 extra={"json_fields": {"model_uri": settings.model_uri, "error": self._error}},
             )
             raise ModelUnavailable(f"model unavailable: {self._error}") from exc
+        finally:
+            self._finished_attempts += 1
         self.load_seconds = time.perf_counter() - started
         self.loaded_at = time.time()
         self.fetch_info = {
@@ -109,6 +130,7 @@ class ModelHolder:
         }
         self._engine = engine
         self._error = None
+        self._failed_at = None
         logger.info(
             "model loaded",
             extra={
@@ -124,15 +146,24 @@ class ModelHolder:
         )
         return engine
 
-    def warm(self) -> None:
-        """Start loading in the background (a platform's health check warms the instance)."""
-        if self._engine is not None or self._lock.locked():
-            return
+    def warm(self) -> bool:
+        """Start loading in the background (a platform's health check warms the instance).
+
+        True when a load is now under way (started here or already running), False when the model
+        is loaded or a recent failure is still cooling down.
+        """
+        if self._engine is not None:
+            return False
+        if self._lock.locked():
+            return True
+        failed_at = self._failed_at
+        if failed_at is not None and time.monotonic() - failed_at < ModelUnavailable.retry_after_s:
+            return False  # a request retries at once; a polling health check waits a little
         with self._state_lock:
-            if self._warming is not None and self._warming.is_alive():
-                return
-            self._warming = threading.Thread(target=self._warm, name="dermal-warm", daemon=True)
-            self._warming.start()
+            if self._warming is None or not self._warming.is_alive():
+                self._warming = threading.Thread(target=self._warm, name="dermal-warm", daemon=True)
+                self._warming.start()
+        return True
 
     def _warm(self) -> None:
         with contextlib.suppress(ModelUnavailable):  # recorded in self.error, reported by /health
@@ -187,20 +218,22 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.pid = os.getpid()
         self.holder = ModelHolder(settings)
         self.gate = InferenceGate(
             concurrency=1, max_queue=settings.max_queue, timeout_s=settings.queue_timeout_s
         )
 
     def memory_status(self) -> dict[str, Any]:
-        """RSS, percent of the limit, the limit itself and the soft limit."""
+        """RSS, percent of the limit, the limit (the container's, else the host's) and the soft limit."""
         rss = memory.rss_mb()
         limit = self.settings.memory_limit_mb
-        total = limit if limit is not None else memory.psutil.virtual_memory().total / 1e6
+        total = limit if limit is not None else memory.host_memory_mb()
         return {
             "rss_mb": round(rss, 1),
             "percent": round(100.0 * rss / total, 2) if total else 0.0,
-            "limit_mb": round(limit, 1) if limit is not None else None,
+            "limit_mb": round(total, 1),
+            "limit_source": "container" if limit is not None else "host",
             "soft_limit_mb": round(self.settings.memory_soft_limit_mb, 1)
             if self.settings.memory_soft_limit_mb is not None
             else None,
@@ -212,9 +245,14 @@ class Service:
         image_bytes: bytes,
         options: PredictOptions,
         *,
+        enable_gradcam: bool | None = None,
         timer: Callable[[], float] = time.perf_counter,
     ) -> Prediction:
-        """Decode, run the model, explain: the contract's 200 body."""
+        """Decode, run the model, explain: the contract's 200 body.
+
+        The heatmap is made when ``enable_gradcam`` (default: ENABLE_GRADCAM) allows it and the
+        request did not say ``gradcam=false``: a client cannot turn on what the operator turned off.
+        """
         started = timer()
         engine = self.holder.get()
         info = engine.info
@@ -233,23 +271,21 @@ class Service:
             del decoded  # the full decode is the largest object of a request; free it before inference
             decode_ms = (timer() - t0) * 1e3
 
-            wanted = self.settings.enable_gradcam if options.gradcam is None else options.gradcam
-            gradcam_body: dict[str, Any]
-            skip_reason = None
-            if not wanted:
-                gradcam_body = {"status": "disabled"}
-            else:
-                soft = self.settings.memory_soft_limit_mb
+            allowed = self.settings.enable_gradcam if enable_gradcam is None else enable_gradcam
+            wanted = allowed and options.gradcam is not False
+            gradcam_body: dict[str, Any] = {"status": "disabled"}
+            do_gradcam = wanted
+            soft = self.settings.memory_soft_limit_mb
+            if wanted and soft is not None:
                 rss = memory.rss_mb()
-                if soft is not None and rss > soft:
-                    skip_reason = rss
+                if rss > soft:
+                    do_gradcam = False
                     gradcam_body = {
                         "status": "skipped",
                         "reason": "memory_pressure",
                         "rss_mb": round(rss, 1),
                         "limit_mb": round(soft, 1),
                     }
-            do_gradcam = wanted and skip_reason is None
             inference = engine.run(
                 pixels, class_index=options.class_, score=options.score, gradcam=do_gradcam
             )
@@ -298,13 +334,17 @@ _SERVICE_LOCK = threading.Lock()
 
 
 def get_service() -> Service:
-    """The process's service, made on first use from the environment (never at import)."""
+    """The process's service, made on first use from the environment (never at import).
+
+    One made before a fork belongs to the parent (its interpreter and threads do not survive the
+    fork): the child makes its own.
+    """
     global _SERVICE
     service = _SERVICE
-    if service is not None:
+    if service is not None and service.pid == os.getpid():
         return service
     with _SERVICE_LOCK:
-        if _SERVICE is None:
+        if _SERVICE is None or _SERVICE.pid != os.getpid():
             _SERVICE = Service(Settings.from_env())
         return _SERVICE
 

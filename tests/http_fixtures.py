@@ -1,0 +1,391 @@
+"""Shared helpers for HTTP tests: test images, the function's test client, and a real server process.
+
+- ``START_COMMAND``: the one start command (render.yaml, the Makefile, the README, Cloud Functions).
+- ``jpeg_bytes`` / ``png_bytes``: a seeded synthetic skin photo of any size, encoded.
+- ``ServerProcess``: ``functions-framework --target=dermal --source=main.py --port=N`` started from
+  the repository root with the environment you give it, in its own process group, bound to
+  127.0.0.1 on a free port, stderr (the JSON log lines) collected to a file. ``stop()`` kills the
+  whole group (gunicorn master and worker); ``logs()`` parses the JSON lines; ``rss_mb()`` and
+  ``peak_rss_mb()`` sum RSS / VmHWM over the group's processes from /proc.
+- Fixtures (import them into a test module): ``test_bundle`` (the session's tiny model bundle,
+  from tests/conftest.py's ``tiny_model``), ``server_factory`` (start servers, all stopped at
+  teardown), ``dermal_app`` (``functions_framework.create_app(target="dermal", source=main.py)``)
+  and ``configure`` (set environment variables and reset the service singleton for this test).
+
+    from tests.http_fixtures import configure, dermal_app, server_factory, test_bundle
+
+    def test_something(server_factory, test_bundle):
+        server = server_factory({"MODEL_URI": str(test_bundle)})
+        status, body = server.post_image("/predict", jpeg_bytes())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flask
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+START_COMMAND = "functions-framework --target=dermal --source=main.py --port=$PORT"
+HOST = "127.0.0.1"
+_PR_SET_DEATHSIG = 1
+# environment variables a test server never inherits from the test process (they would change it)
+_SCRUBBED = (
+    "MODEL_URI",
+    "MODEL_SHA256",
+    "MODEL_CACHE_DIR",
+    "ENABLE_GRADCAM",
+    "MEMORY_LIMIT_MB",
+    "MEMORY_SOFT_LIMIT_MB",
+    "MAX_UPLOAD_MB",
+    "API_KEY",
+    "LITERT_THREADS",
+    "STORAGE_EMULATOR_HOST",
+    "MODEL_FETCH_TIMEOUT_S",
+    "MODEL_LOAD_TIMEOUT_S",
+    "CORS_ORIGINS",
+    "PORT",
+)
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+
+def photo(*, width: int = 160, height: int = 120, seed: int = 0, label: int | None = 2) -> Image.Image:
+    """A seeded synthetic skin photo (dermal_fn.demo.synth) cropped/resized to width x height."""
+    from dermal_fn.demo import synth
+
+    side = max(width, height, 64)
+    sample = synth.generate(np.random.default_rng(seed), size=side, label=label, hair=False)
+    image = Image.fromarray(sample.image)
+    return image.crop((0, 0, width, height)) if width <= side and height <= side else image
+
+
+def jpeg_bytes(*, width: int = 160, height: int = 120, seed: int = 0) -> bytes:
+    """A synthetic photo as JPEG bytes."""
+    buffer = io.BytesIO()
+    photo(width=width, height=height, seed=seed).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def png_bytes(*, width: int = 160, height: int = 120, seed: int = 0) -> bytes:
+    """A synthetic photo as PNG bytes."""
+    buffer = io.BytesIO()
+    photo(width=width, height=height, seed=seed).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# --- a real functions-framework process --------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_argv(port: int) -> list[str]:
+    """START_COMMAND for ``port``, plus ``--host=127.0.0.1`` (tests never listen on all interfaces)."""
+    argv = shlex.split(START_COMMAND.replace("$PORT", str(port)))
+    return [*argv, f"--host={HOST}"]
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """preexec_fn: the kernel SIGKILLs the server if the test process dies (Linux, main thread only)."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_DEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return set_death_signal
+
+
+class ServerProcess:
+    """One ``functions-framework`` server of the function, in its own process group."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        log_path: Path,
+        port: int | None = None,
+        inherit_env: bool = True,
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        self.log_path = Path(log_path)
+        base = dict(os.environ) if inherit_env else {}
+        for name in _SCRUBBED:
+            base.pop(name, None)
+        self.env = {
+            **base,
+            "PATH": f"{VENV_BIN}{os.pathsep}{base.get('PATH', os.defpath)}",
+            "PYTHONUNBUFFERED": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            **env,
+            "PORT": str(self.port),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at: float | None = None  # time.monotonic() at spawn
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> ServerProcess:
+        """Spawn the server (it answers once ``wait_ready`` returns)."""
+        if self.running:
+            raise RuntimeError(f"expected a stopped server, found one running at {self.url}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.started_at = time.monotonic()
+            self.process = subprocess.Popen(
+                start_argv(self.port),
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # its own process group: stop() kills master and workers
+                preexec_fn=_die_with_parent(),
+            )
+        return self
+
+    def wait_ready(self, *, path: str = "/health", timeout_s: float = 60.0) -> None:
+        """Poll ``GET path`` until it answers (any HTTP status); RuntimeError with the log if not.
+
+        ``/health`` starts loading the model; poll ``/memory`` (or ``/openapi.json``) to wait for
+        the server without warming it.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.running:
+                code = self.process.returncode if self.process is not None else None
+                raise RuntimeError(
+                    f"expected the server to answer on {self.url}, found it exited with code {code}; "
+                    f"log:\n{self.log_tail()}"
+                )
+            try:
+                self.request("GET", path, timeout_s=2.0)
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"expected the server to answer GET {path} within {timeout_s:g} s, found no answer; "
+                    f"log:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Kill the server's whole process group (SIGTERM, then SIGKILL after 5 s)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5.0)
+        with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- talking to it ---
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request (no proxies): status, headers, body. HTTP errors are answers, not raised."""
+        request = urllib.request.Request(
+            self.url + path, data=body, method=method, headers=dict(headers or {})
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=timeout_s) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, dict(error.headers), error.read()
+
+    def get_json(self, path: str, *, timeout_s: float = 60.0) -> tuple[int, Any]:
+        """``GET path``: status and parsed JSON body."""
+        status, _, body = self.request("GET", path, timeout_s=timeout_s)
+        return status, json.loads(body)
+
+    def post_image(
+        self, path: str, image: bytes, *, content_type: str = "image/jpeg", timeout_s: float = 60.0
+    ) -> tuple[int, Any]:
+        """``POST path`` with a raw image body: status and parsed JSON body."""
+        status, _, body = self.request(
+            "POST", path, body=image, headers={"Content-Type": content_type}, timeout_s=timeout_s
+        )
+        return status, json.loads(body)
+
+    # --- what it did ---
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The JSON log records the server wrote so far (other lines skipped)."""
+        records = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line))
+        return records
+
+    def pids(self) -> list[int]:
+        """The processes of the server's group (gunicorn master and workers)."""
+        if self.process is None:
+            return []
+        return process_group_pids(self.process.pid)
+
+    def rss_mb(self) -> float:
+        """Current RSS summed over the server's processes, in MiB."""
+        return sum(_status_kib(pid, "VmRSS:") for pid in self.pids()) / 1024
+
+    def peak_rss_mb(self) -> float:
+        """Peak RSS (VmHWM) summed over the server's processes, in MiB."""
+        return sum(_status_kib(pid, "VmHWM:") for pid in self.pids()) / 1024
+
+
+def process_group_pids(pgid: int) -> list[int]:
+    """PIDs whose process group is ``pgid`` (from /proc/<pid>/stat)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def test_bundle(tiny_model: Any) -> Path:
+    """The session's tiny model bundle (tests/conftest.py's ``tiny_model``)."""
+    path: Path = tiny_model.bundle_path
+    return path
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start function servers: ``server_factory(env, wait="/health" | "/memory" | None)``; all stopped at teardown.
+
+    Each server's log is ``tmp_path/server-N.log``; on failure it is in the pytest report via the
+    assertion messages that print ``server.log_tail()``.
+    """
+    servers: list[ServerProcess] = []
+
+    def start(
+        env: Mapping[str, str], *, wait: str | None = "/memory", timeout_s: float = 60.0
+    ) -> ServerProcess:
+        server = ServerProcess(env, log_path=tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        server.start()
+        if wait is not None:
+            server.wait_ready(path=wait, timeout_s=timeout_s)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def dermal_app() -> flask.Flask:
+    """The function as functions-framework serves it: ``create_app(target="dermal", source=main.py)``."""
+    import functions_framework
+
+    app: flask.Flask = functions_framework.create_app(target="dermal", source=str(REPO_ROOT / "main.py"))
+    return app
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """``configure(MODEL_URI=..., ENABLE_GRADCAM="false", ...)``: set env vars, reset the service singleton.
+
+    Every variable of the contract not given is removed, so tests do not leak settings into each
+    other; the singleton is reset again at teardown.
+    """
+    from dermal_fn.service import reset_service
+
+    def apply(**env: str) -> None:
+        for name in _SCRUBBED:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        reset_service()
+
+    try:
+        yield apply
+    finally:
+        reset_service()
