@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     compare.add_argument("--limit", type=int, default=200, help="at most this many images")
+    compare.add_argument(
+        "--threads", type=int, default=1, help="LiteRT threads for both models (default 1, as on 0.5 CPU)"
+    )
     compare.set_defaults(run=_compare)
     return parser
 

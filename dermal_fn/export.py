@@ -78,13 +78,24 @@ def verification_inputs(
     return out
 
 
-def calibration_images(
-    folder: str | Path | None, size: tuple[int, int], scale: InputScale, *, limit: int = 100
-) -> list[np.ndarray]:
-    """Model inputs from a folder of images, for int8 calibration; generated ones when none is given."""
-    from dermal_fn.errors import InvalidImage, UnsupportedMediaType
-    from dermal_fn.imaging import decode, model_input
+MIN_CALIBRATION_IMAGES = 8
+MAX_CALIBRATION_FILES = 10_000  # files looked at before giving up on a folder
 
+
+def calibration_images(
+    folder: str | Path | None,
+    size: tuple[int, int],
+    scale: InputScale,
+    *,
+    limit: int = 100,
+    resize: str = "bilinear",
+) -> list[np.ndarray]:
+    """Model inputs from a folder of images, for int8 calibration; generated ones when none is given.
+
+    Files that are not decodable images, blank (one colour) images and images under an eighth of the
+    model's input side are left out and counted; fewer than ``MIN_CALIBRATION_IMAGES`` usable images
+    is an :class:`ExportError` naming what the folder held instead.
+    """
     if folder is None:
         logger.warning(
             "no --calibration folder given: calibrating int8 on generated images; "
@@ -93,27 +104,58 @@ def calibration_images(
         return _generated_calibration(size, scale, count=min(limit, 64))
     root = Path(folder)
     if not root.is_dir():
-        raise ExportError(f"expected --calibration to be a folder of images, found {root} is not a folder")
+        found = "nothing" if not root.exists() else "a file"
+        raise ExportError(f"expected --calibration to be a folder of images, found {found} at {root}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    inputs = []
-    skipped = 0
-    for path in files[: limit * 4]:
-        try:
-            decoded = decode(path.read_bytes())
-        except (InvalidImage, UnsupportedMediaType):
-            skipped += 1
+    if not files:
+        raise ExportError(f"expected --calibration folder {root} to hold images, found an empty folder")
+    inputs: list[np.ndarray] = []
+    rejected: dict[str, list[str]] = {}  # reason -> file names
+    for path in files[:MAX_CALIBRATION_FILES]:
+        problem, pixels = _calibration_input(path, size=size, scale=scale, resize=resize)
+        if problem is not None:
+            rejected.setdefault(problem, []).append(path.name)
             continue
-        inputs.append(model_input(decoded.rgb, size=size, scale=scale))
+        assert pixels is not None
+        inputs.append(pixels)
         if len(inputs) >= limit:
             break
-    if skipped:
-        logger.warning("calibration: skipped %d files that are not decodable images", skipped)
-    if len(inputs) < 8:
+    summary = "; ".join(
+        f"{len(names)} {reason} (e.g. {names[0]})" for reason, names in sorted(rejected.items())
+    )
+    if len(inputs) < MIN_CALIBRATION_IMAGES:
         raise ExportError(
-            f"expected at least 8 decodable images in calibration folder {root}, found {len(inputs)} "
-            f"({skipped} unreadable files)"
+            f"expected at least {MIN_CALIBRATION_IMAGES} usable images in calibration folder {root}, "
+            f"found {len(inputs)} of {len(files)} files" + (f": {summary}" if summary else "")
         )
+    if rejected:
+        logger.warning("calibration: left out %s", summary)
     return inputs
+
+
+def _calibration_input(
+    path: Path, *, size: tuple[int, int], scale: InputScale, resize: str
+) -> tuple[str | None, np.ndarray | None]:
+    """(None, model input) for a usable calibration image, else (the reason, None)."""
+    from dermal_fn.errors import InvalidImage, UnsupportedMediaType
+    from dermal_fn.imaging import decode, model_input, sniff
+
+    try:
+        with open(path, "rb") as f:
+            sniff(f.read(64))  # refuse a non-image from its header, before reading all of it
+        decoded = decode(path.read_bytes(), min_side=max(size))
+    except UnsupportedMediaType:
+        return "files of an unsupported image type", None
+    except InvalidImage:
+        return "files that are not decodable images", None
+    except OSError:
+        return "unreadable files", None
+    rgb = np.asarray(decoded.rgb)
+    if min(decoded.rgb.size) < max(1, min(size) // 8):
+        return f"images smaller than {max(1, min(size) // 8)} px on a side", None
+    if int(rgb.max()) - int(rgb.min()) < 2:
+        return "blank (one-colour) images", None
+    return None, model_input(decoded.rgb, size=size, scale=scale, resize=resize)
 
 
 def _generated_calibration(size: tuple[int, int], scale: InputScale, *, count: int) -> list[np.ndarray]:
@@ -135,6 +177,7 @@ def convert_backbone(
 ) -> bytes:
     """The backbone as a LiteRT flatbuffer, with batch size 1 and the requested quantization."""
     import tensorflow as tf
+    from tensorflow.lite.python.convert import ConverterError
 
     h, w = input_size
     with tempfile.TemporaryDirectory(prefix="dermal-export-") as tmp:
@@ -158,11 +201,42 @@ def convert_backbone(
                 for sample in samples:
                     yield [sample]
 
+            if not samples:
+                raise ExportError("expected calibration images for --quantize int8, found none")
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = representative
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        flatbuffer = converter.convert()
-    return bytes(flatbuffer)
+            # integer inside, float at the edges: the engine feeds float pixels and the head reads floats
+            converter.inference_input_type = tf.float32
+            converter.inference_output_type = tf.float32
+        try:
+            flatbuffer = bytes(converter.convert())
+        except ConverterError as exc:
+            raise ExportError(
+                f"expected the backbone to convert with --quantize {quantize}, found: {str(exc).strip()[:500]}"
+            ) from exc
+    if quantize == "int8":
+        check_integer_backbone(flatbuffer)
+    return flatbuffer
+
+
+def check_integer_backbone(flatbuffer: bytes) -> None:
+    """Refuse an int8 backbone whose input/output are not float32 or that kept float convolutions."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    edges = [*interpreter.get_input_details(), *interpreter.get_output_details()]
+    not_float = [(d["name"], np.dtype(d["dtype"]).name) for d in edges if np.dtype(d["dtype"]) != np.float32]
+    if not_float:
+        raise ExportError(f"expected float32 input and output on the int8 backbone, found {not_float}")
+    float_ops = [
+        op["op_name"]
+        for op in interpreter._get_ops_details()
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+        and any(interpreter._get_tensor_details(i, 0)["dtype"] == np.float32 for i in op["inputs"] if i >= 0)
+    ]
+    if float_ops:
+        raise ExportError(f"expected an integer-only backbone, found float ops {sorted(set(float_ops))}")
 
 
 def verify(
@@ -270,7 +344,7 @@ def export_keras(
 
     calibration_inputs: list[np.ndarray] = []
     if quantize == "int8":
-        calibration_inputs = calibration_images(calibration, split_.input_size, input_scale)
+        calibration_inputs = calibration_images(calibration, split_.input_size, input_scale, resize=resize)
         logger.info("      int8 calibration on %d images", len(calibration_inputs))
     elif calibration is not None:
         logger.warning("--calibration is used by --quantize int8 only; ignored for %s", quantize)
