@@ -5,14 +5,16 @@
 data) and its output in ``log_path``. The process is stopped by ``stop()``/``close()``, at exit,
 and on Linux also by the kernel if the Python process dies (PR_SET_DEATHSIG): no orphans.
 
-Fixtures (plain functions of ``request``/``monkeypatch``/``tmp_path``, so importing one is enough):
+Fixtures (needing only pytest's own fixtures, so each can be imported alone):
 
 - ``fake_gcs``: the pytest session's shared emulator, running, with ``STORAGE_EMULATOR_HOST``
   set for the test. Tests share it: give each its own bucket (``fake_gcs.create_bucket()``).
 - ``fresh_fake_gcs``: an emulator of the test's own, free to ``stop()`` and ``restart()``.
 
-Use them with ``from tests.gcs_emulator import fake_gcs`` in a test module, or register them
-for every test with ``pytest_plugins = ["tests.gcs_emulator"]`` in tests/conftest.py.
+Register them for every test with ``pytest_plugins = ["tests.gcs_emulator"]`` in
+tests/conftest.py, or in one module with ``fake_gcs = gcs_emulator.fake_gcs`` (a plain
+``from tests.gcs_emulator import fake_gcs`` works too, but ruff reports F811 on the tests that
+take it as an argument).
 """
 
 from __future__ import annotations
@@ -250,11 +252,16 @@ def _die_with_parent() -> Callable[[], None] | None:
 _SHARED = pytest.StashKey[FakeGCS]()
 
 
-def shared_fake_gcs(config: pytest.Config) -> FakeGCS:
-    """The pytest session's emulator: made on first use, (re)started if stopped, closed at end."""
+def shared_fake_gcs(request: pytest.FixtureRequest) -> FakeGCS:
+    """The pytest session's emulator: made on first use, (re)started if stopped, closed at end.
+
+    Its data and log live in pytest's temp dir (kept for the last few runs, like tmp_path).
+    """
+    config = request.config
     server = config.stash.get(_SHARED, None)
     if server is None:
-        server = FakeGCS()
+        tmp_path_factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+        server = FakeGCS(workdir=tmp_path_factory.mktemp("fake-gcs"))
         config.stash[_SHARED] = server
         config.add_cleanup(server.close)
     if not server.running:
@@ -265,7 +272,7 @@ def shared_fake_gcs(config: pytest.Config) -> FakeGCS:
 @pytest.fixture
 def fake_gcs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
     """The session's shared emulator, running, with STORAGE_EMULATOR_HOST pointing at it."""
-    server = shared_fake_gcs(request.config)
+    server = shared_fake_gcs(request)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
     return server
 
