@@ -1,0 +1,580 @@
+"""The upload page at ``GET /``, driven in Debian's Chromium by Playwright against real servers.
+
+Every server here is a real ``functions-framework --target=dermal`` process on a free 127.0.0.1
+port serving a tiny seeded bundle built by the session (labels from ``dermal_fn.demo.synth``, a
+model name that says "synthetic"). Expected values come from the same server: each uploaded file is
+also POSTed with urllib, and the page must show what that JSON says. Screenshots go to
+``artifacts/screenshots/``. ``make test`` installs Chromium (``scripts/ensure_chromium.sh``); run
+directly without it, these tests skip.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermal_fn.demo import synth
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "artifacts" / "screenshots"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MODEL_NAME = "synthetic-page-test-model"
+API_KEY = "page-test-key-6b1f"
+SMALL_UPLOAD_MB = 0.05
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+DONE = "#results[data-state=done]"
+FAILED = "#results[data-state=error]"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's Chromium at /usr/bin/chromium: run `make browser` (or `make test`) to install it",
+    ),
+]
+
+
+# --- the model, the images --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def page_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny seeded classifier over synth.LABELS, exported to a bundle named as synthetic."""
+    import keras
+
+    from dermal_fn.export import export_keras
+
+    folder = tmp_path_factory.mktemp("page-model")
+    keras.utils.set_random_seed(4)
+    layers = keras.layers
+    inputs = keras.Input((48, 48, 3))
+    x = layers.Rescaling(1 / 255.0)(inputs)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="swish", name="top_activation")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(len(synth.LABELS), activation="softmax")(x)
+    keras_path = folder / "page.keras"
+    keras.Model(inputs, outputs).save(keras_path)
+    bundle = folder / "page.dermal"
+    export_keras(keras_path, bundle, labels=list(synth.LABELS), name=MODEL_NAME)
+    return bundle
+
+
+def jpeg_bytes(pixels: np.ndarray, *, quality: int = 92, exif: Image.Exif | None = None) -> bytes:
+    """Pixels as JPEG bytes (with an EXIF block when given)."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=quality, exif=exif or Image.Exif())
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small synthetic JPEG, a 12 MP EXIF-rotated 'phone photo', a larger JPEG and a text file."""
+    folder = tmp_path_factory.mktemp("page-photos")
+    rng = np.random.default_rng(11)
+    small = synth.generate(rng, size=384, label=synth.ROUND_UNIFORM, hair=False).image
+    medium = synth.generate(rng, size=640, label=synth.IRREGULAR_MULTICOLOUR, hair=True).image
+    # a phone photo: 4032 x 3024 stored landscape, EXIF orientation 6 (display rotated 90° clockwise)
+    base = synth.generate(rng, size=512, label=synth.OVAL_WITH_HALO, hair=True).image
+    landscape = Image.fromarray(base).resize((4032, 3024), Image.Resampling.BICUBIC)
+    grain = rng.normal(0.0, 3.0, size=(3024, 4032, 1)).astype(np.float32)
+    phone = np.clip(np.asarray(landscape, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {
+        "small.jpg": jpeg_bytes(small),
+        "medium.jpg": jpeg_bytes(medium, quality=97),
+        "phone.jpg": jpeg_bytes(phone, quality=85, exif=exif),
+        "notes.txt": b"visit notes: not an image\n",
+    }
+    paths = {}
+    for name, data in files.items():
+        path = folder / name
+        path.write_bytes(data)
+        paths[name] = path
+    return paths
+
+
+# --- servers -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A running ``functions-framework`` process and where it writes its log."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def post_image(self, path: Path, *, api_key: str | None = None) -> tuple[int, dict[str, Any]]:
+        """POST a file as multipart field 'image' (as the page does); status and JSON body."""
+        boundary = uuid.uuid4().hex
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + path.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        request = urllib.request.Request(self.url + "predict", data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
+
+def start_server(log_dir: Path, env: Mapping[str, str], *, wait_for_model: bool = True) -> Server:
+    """Start ``functions-framework --target=dermal`` with ``env``; return once /health answers."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    keep = ("PATH", "HOME", "LANG", "TMPDIR")
+    full_env = {k: os.environ[k] for k in keep if k in os.environ}
+    full_env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env})
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "functions-framework"),
+                "--target=dermal",
+                f"--source={REPO / 'main.py'}",
+                "--host=127.0.0.1",
+                f"--port={port}",
+            ],
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(url=f"http://127.0.0.1:{port}/", process=process, log_path=log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(server.url + "health", timeout=2) as response:
+                health = json.loads(response.read())
+            if not wait_for_model or health.get("model_loaded"):
+                return server
+        except OSError:
+            pass
+        time.sleep(0.1)
+    stop_server(server)
+    raise TimeoutError(f"server not ready within 60 s: {log_path.read_text()[-2000:]}")
+
+
+def stop_server(server: Server) -> None:
+    """Terminate the server's process group (then kill it if it lingers)."""
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Start servers on demand; all are stopped when the module ends."""
+    started: list[Server] = []
+    log_dir = tmp_path_factory.mktemp("page-servers")
+
+    def make(env: Mapping[str, str], *, wait_for_model: bool = True) -> Server:
+        server = start_server(log_dir, env, wait_for_model=wait_for_model)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def server(server_factory: Any, page_bundle: Path) -> Server:
+    """Defaults: heatmaps on, 10 MB uploads, no API key."""
+    return server_factory({"MODEL_URI": str(page_bundle)})
+
+
+@pytest.fixture(scope="module")
+def limited_server(server_factory: Any, page_bundle: Path) -> Server:
+    """Heatmaps off and a tiny upload limit."""
+    return server_factory(
+        {"MODEL_URI": str(page_bundle), "ENABLE_GRADCAM": "false", "MAX_UPLOAD_MB": str(SMALL_UPLOAD_MB)}
+    )
+
+
+@pytest.fixture(scope="module")
+def keyed_server(server_factory: Any, page_bundle: Path) -> Server:
+    """An API key, and a soft memory limit every process exceeds (heatmaps always skipped)."""
+    return server_factory({"MODEL_URI": str(page_bundle), "API_KEY": API_KEY, "MEMORY_SOFT_LIMIT_MB": "1"})
+
+
+@pytest.fixture(scope="module")
+def broken_server(server_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """A model URI that points at nothing: the model is unavailable."""
+    missing = tmp_path_factory.mktemp("page-missing") / "absent.dermal"
+    return server_factory({"MODEL_URI": str(missing)}, wait_for_model=False)
+
+
+# --- the browser -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, launched by Playwright (never a downloaded browser)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class Tab:
+    """One page in a fresh browser context, with everything it logged."""
+
+    page: Any
+    console: list[tuple[str, str]]
+
+    def errors(self, *, expected_status: int | None = None) -> list[str]:
+        """Console errors and uncaught exceptions, except the browser's own line for an expected HTTP error."""
+        allowed = (
+            f"Failed to load resource: the server responded with a status of {expected_status}"
+            if expected_status is not None
+            else None
+        )
+        return [
+            text
+            for kind, text in self.console
+            if kind in ("error", "pageerror") and not (allowed and text.startswith(allowed))
+        ]
+
+    def screenshot(self, name: str) -> Path:
+        """Save a full-page screenshot as artifacts/screenshots/<name>.png."""
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def open_tab(browser: Any) -> Iterator[Any]:
+    """Open the page of a server in a fresh context at a viewport size; closed after the test."""
+    contexts: list[Any] = []
+
+    def open_(server: Server, *, viewport: Mapping[str, int] = DESKTOP) -> Tab:
+        context = browser.new_context(viewport=dict(viewport))
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        console: list[tuple[str, str]] = []
+        page.on("console", lambda message: console.append((message.type, message.text)))
+        page.on("pageerror", lambda error: console.append(("pageerror", str(error))))
+        page.goto(server.url)
+        page.wait_for_selector("#model-status:not([data-state=unknown]):not([data-state=loading])")
+        return Tab(page=page, console=console)
+
+    yield open_
+    for context in contexts:
+        context.close()
+
+
+def js_percent(probability: float) -> str:
+    """What ``(p * 100).toFixed(1) + "%"`` gives in JavaScript (half up on the exact double)."""
+    value = Decimal(probability * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+    return f"{value}%"
+
+
+def shown_predictions(tab: Tab) -> list[dict[str, Any]]:
+    """Label, percentage text and bar width (fraction of its track) of each prediction row."""
+    return list(
+        tab.page.eval_on_selector_all(
+            "#predictions li",
+            """items => items.map(item => ({
+                label: item.dataset.label,
+                text: item.querySelector('.pred-label').textContent,
+                percent: item.querySelector('.pred-pct').textContent,
+                bar: item.querySelector('.fill').getBoundingClientRect().width /
+                     item.querySelector('.track').getBoundingClientRect().width,
+            }))""",
+        )
+    )
+
+
+def assert_matches_json(tab: Tab, body: dict[str, Any]) -> None:
+    """The prediction rows show exactly the labels and percentages of the JSON body."""
+    rows = shown_predictions(tab)
+    expected = body["predictions"]
+    assert [row["label"] for row in rows] == [p["label"] for p in expected]
+    assert [row["percent"] for row in rows] == [js_percent(p["probability"]) for p in expected]
+    for row, prediction in zip(rows, expected, strict=True):
+        assert row["text"].lower() == prediction["label"].replace("_", " ").lower()
+        assert row["bar"] == pytest.approx(prediction["probability"], abs=0.01)
+
+
+def wait_for_overlay(tab: Tab) -> tuple[int, int]:
+    """Wait until the heatmap overlay has decoded; its natural (width, height)."""
+    overlay = tab.page.locator("#overlay")
+    overlay.wait_for(state="visible")
+    tab.page.wait_for_function(
+        "() => { const img = document.getElementById('overlay'); return img.complete && img.naturalWidth > 0; }"
+    )
+    size = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    return int(size[0]), int(size[1])
+
+
+# --- tests -------------------------------------------------------------------------------------------
+
+
+def test_upload_shows_predictions_and_heatmap_as_the_json_says(
+    server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    tab = open_tab(server)
+    page = tab.page
+    assert MODEL_NAME in page.locator("#model-status").inner_text()
+    assert page.locator("#disclaimer").is_visible()
+    assert "Not a diagnosis" in page.locator("#disclaimer").inner_text()
+    assert page.locator("#synthetic-note").is_visible()
+
+    page.set_input_files("#file", photos["small.jpg"])
+    page.wait_for_selector(DONE)
+    assert page.locator("#original").evaluate("img => img.complete && img.naturalWidth") == 384
+    overlay_size = wait_for_overlay(tab)
+
+    status, body = server.post_image(photos["small.jpg"])
+    assert status == 200
+    assert_matches_json(tab, body)
+    assert (
+        page.locator("#overlay").get_attribute("src")
+        == "data:image/png;base64," + body["gradcam"]["overlay_png"]
+    )
+    assert overlay_size == (384, 384)
+    caption = page.locator("#heat-caption").inner_text()
+    assert body["gradcam"]["label"].replace("_", " ").lower() in caption.lower()
+    assert body["model"]["name"] in page.locator("#meta").inner_text()
+    assert not page.locator("#gradcam-note").is_visible()
+    assert not page.locator("#message").is_visible()
+
+    page.locator("#opacity").fill("40")
+    assert page.locator("#overlay").evaluate("img => img.style.opacity") == "0.4"
+    assert page.locator("#opacity-value").inner_text() == "40%"
+    page.locator("#toggle").click()
+    assert page.locator("#overlay").evaluate("img => img.style.opacity") == "0"
+    assert page.locator("#toggle").get_attribute("aria-pressed") == "true"
+    assert page.locator("#toggle").inner_text() == "Show heatmap"
+    page.locator("#toggle").click()
+    assert page.locator("#overlay").evaluate("img => img.style.opacity") == "0.4"
+    page.locator("#opacity").fill("100")
+    tab.screenshot("desktop-result")
+    assert tab.errors() == []
+
+
+def test_phone_width_keyboard_upload_without_horizontal_overflow(
+    server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    tab = open_tab(server, viewport=PHONE)
+    page = tab.page
+    tab.screenshot("phone-start")
+    # the file input is reachable with the keyboard, first stop on the page
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement && document.activeElement.id") == "file":
+            break
+    assert page.evaluate("document.activeElement.id") == "file"
+    assert page.locator("label[for=file]").is_visible()
+
+    page.set_input_files("#file", photos["medium.jpg"])
+    page.wait_for_selector(DONE)
+    wait_for_overlay(tab)
+    status, body = server.post_image(photos["medium.jpg"])
+    assert status == 200
+    assert_matches_json(tab, body)
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= PHONE["width"]
+    for selector in ("#predictions", "#overlay", "#opacity", "#toggle", "#disclaimer"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
+    tab.screenshot("phone-result")
+    assert tab.errors() == []
+
+
+def test_twelve_megapixel_exif_rotated_phone_photo(
+    server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    assert photos["phone.jpg"].stat().st_size > 1_000_000
+    tab = open_tab(server)
+    page = tab.page
+    page.set_input_files("#file", photos["phone.jpg"])
+    page.wait_for_selector(DONE, timeout=60_000)
+    width, height = wait_for_overlay(tab)
+    assert height > width  # stored landscape, EXIF says portrait: the server turned it upright
+    preview = page.locator("#original").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert preview == [3024, 4032]  # and the browser's preview agrees
+    status, body = server.post_image(photos["phone.jpg"])
+    assert status == 200
+    assert_matches_json(tab, body)
+    tab.screenshot("desktop-phone-photo")
+    assert tab.errors() == []
+
+
+def test_non_image_shows_the_servers_error_message(
+    server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    tab = open_tab(server, viewport=PHONE)
+    page = tab.page
+    page.set_input_files("#file", photos["notes.txt"])
+    page.wait_for_selector(FAILED)
+    status, body = server.post_image(photos["notes.txt"])
+    assert status == 400
+    message = page.locator("#message")
+    assert message.is_visible()
+    text = message.inner_text()
+    assert body["error"]["message"] in text
+    assert "HTTP 400" in text and body["error"]["code"] in text
+    assert page.locator("#predictions li").count() == 0
+    assert not page.locator("#overlay").is_visible()
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= PHONE["width"]
+    tab.screenshot("phone-error-not-an-image")
+    assert tab.errors(expected_status=400) == []
+
+
+def test_oversized_upload_shows_the_413_message(
+    limited_server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    big = photos["medium.jpg"]
+    assert big.stat().st_size > SMALL_UPLOAD_MB * 1024 * 1024
+    tab = open_tab(limited_server)
+    page = tab.page
+    page.set_input_files("#file", big)
+    page.wait_for_selector(FAILED)
+    status, body = limited_server.post_image(big)
+    assert status == 413
+    text = page.locator("#message").inner_text()
+    assert "too large" in text
+    assert body["error"]["message"] in text
+    assert "HTTP 413" in text
+    tab.screenshot("desktop-error-too-large")
+    assert tab.errors(expected_status=413) == []
+
+
+def test_disabled_heatmap_is_said_plainly(
+    limited_server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    small = photos["small.jpg"]
+    assert small.stat().st_size < SMALL_UPLOAD_MB * 1024 * 1024
+    tab = open_tab(limited_server)
+    page = tab.page
+    assert "heatmaps off" in page.locator("#model-status").inner_text()
+    page.set_input_files("#file", small)
+    page.wait_for_selector(DONE)
+    status, body = limited_server.post_image(small)
+    assert status == 200 and body["gradcam"] == {"status": "disabled"}
+    assert_matches_json(tab, body)
+    note = page.locator("#gradcam-note")
+    assert note.is_visible()
+    assert "Heatmaps are turned off" in note.inner_text()
+    assert not page.locator("#overlay").is_visible()
+    assert not page.locator("#opacity").is_visible()
+    tab.screenshot("desktop-heatmap-disabled")
+    assert tab.errors() == []
+
+
+def test_api_key_prompt_then_memory_pressure_note(
+    keyed_server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    tab = open_tab(keyed_server)
+    page = tab.page
+    page.set_input_files("#file", photos["small.jpg"])
+    page.wait_for_selector("#results[data-state=auth]")
+    assert page.locator("#api-key").is_visible()
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    assert "API key" in page.locator("#message").inner_text()
+    tab.screenshot("desktop-api-key-prompt")
+
+    page.locator("#api-key").fill("not-the-key")
+    page.locator("#auth-send").click()
+    page.wait_for_selector("#results[data-state=auth]")
+    assert "not accepted" in page.locator("#auth-hint").inner_text()
+
+    page.locator("#api-key").fill(API_KEY)
+    with page.expect_response(lambda response: response.url.endswith("/predict")) as answer:
+        page.locator("#auth-send").click()
+    assert answer.value.request.headers["authorization"] == f"Bearer {API_KEY}"
+    seen = answer.value.json()  # memory figures change between requests: read the page's own answer
+    page.wait_for_selector(DONE)
+    assert not page.locator("#auth").is_visible()
+    assert not page.locator("#message").is_visible()
+    status, body = keyed_server.post_image(photos["small.jpg"], api_key=API_KEY)
+    assert status == 200
+    assert_matches_json(tab, body)
+    gradcam = body["gradcam"]
+    assert gradcam["status"] == "skipped" and gradcam["reason"] == "memory_pressure"
+    note = page.locator("#gradcam-note").inner_text()
+    assert "short of memory" in note
+    shown = seen["gradcam"]
+    assert shown["status"] == "skipped"
+    assert f"using {shown['rss_mb']:.0f} MB of its {shown['limit_mb']:.0f} MB limit" in note
+    assert not page.locator("#overlay").is_visible()
+    tab.screenshot("desktop-heatmap-skipped")
+    assert tab.errors(expected_status=401) == []
+
+
+def test_unavailable_model_is_reported_on_load_and_on_upload(
+    broken_server: Server, open_tab: Any, photos: dict[str, Path]
+) -> None:
+    tab = open_tab(broken_server)
+    page = tab.page
+    page.wait_for_selector("#model-status[data-state=error]")
+    assert "Model unavailable" in page.locator("#model-status").inner_text()
+    page.set_input_files("#file", photos["small.jpg"])
+    page.wait_for_selector(FAILED)
+    status, body = broken_server.post_image(photos["small.jpg"])
+    assert status == 503
+    text = page.locator("#message").inner_text()
+    assert "model is unavailable" in text
+    assert body["error"]["message"] in text
+    assert "HTTP 503" in text
+    tab.screenshot("desktop-error-model-unavailable")
+    assert tab.errors(expected_status=503) == []
