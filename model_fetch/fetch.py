@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from model_fetch.digest import normalize_sha256
-from model_fetch.gcs import fetch_gcs
 from model_fetch.local import fetch_local
 from model_fetch.result import FetchedModel
 from model_fetch.uri import LocalLocation, parse_model_uri
@@ -39,6 +38,8 @@ def fetch_model(
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     if isinstance(location, LocalLocation):
         return fetch_local(location, source=uri, expected_sha256=pin, started=started)
+    from model_fetch.gcs import fetch_gcs  # google-cloud-storage: ~45 MB RSS, only when needed
+
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return fetch_gcs(
         location,

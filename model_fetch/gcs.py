@@ -68,7 +68,7 @@ class Deadline:
     def check(self, progress: str = "") -> None:
         """Raise StorageUnavailable once the time is up."""
         if self.remaining() <= 0:
-            found = f"{progress} after {self.elapsed():.1f} s" if progress else "no answer yet"
+            found = f"{progress or 'no time left'} after {self.elapsed():.1f} s"
             raise StorageUnavailable(
                 f"expected {self.subject} within timeout_s={self.timeout_s:g}, found {found}"
             )
