@@ -1,0 +1,242 @@
+"""The real ``functions-framework`` process, cold-starting from fake-gcs-server.
+
+Each test starts the function exactly as render.yaml does (tests/http_fixtures.py) with
+``MODEL_URI=gs://...`` and ``STORAGE_EMULATOR_HOST`` pointing at the Go emulator, and proves
+what happened from the server's JSON log lines and the emulator's request log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.gcs_emulator import FakeGCS, fake_gcs, fresh_fake_gcs
+from tests.http_fixtures import ServerProcess, jpeg_bytes, server_factory, test_bundle
+
+__all__ = ["fake_gcs", "fresh_fake_gcs", "server_factory", "test_bundle"]  # fixtures
+
+OBJECT = "models/skin.dermal"
+JPEG = jpeg_bytes(width=160, height=120, seed=5)
+StartServer = Callable[..., ServerProcess]
+
+
+def gcs_env(gcs: FakeGCS, bucket: str, cache: Path, **extra: str) -> dict[str, str]:
+    return {
+        "MODEL_URI": f"gs://{bucket}/{OBJECT}",
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "MODEL_CACHE_DIR": str(cache),
+        **extra,
+    }
+
+
+def emulator_downloads(gcs: FakeGCS, bucket: str) -> int:
+    """Media downloads of the bucket's object in the emulator's request log."""
+    needle = f"GET /download/storage/v1/b/{bucket}/o/"
+    return sum(1 for line in gcs.log_path.read_text().splitlines() if needle in line and "alt=media" in line)
+
+
+def records(server: ServerProcess, *, logger: str, message_prefix: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in server.logs()
+        if r.get("logger") == logger and str(r.get("message", "")).startswith(message_prefix)
+    ]
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {what} within {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def test_eight_concurrent_first_requests_download_once(
+    fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    bucket = fake_gcs.create_bucket()
+    fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    cache = tmp_path / "cache"
+    server = server_factory(
+        gcs_env(fake_gcs, bucket, cache, THREADS="16"), wait="/memory"
+    )  # /memory: no warm-up
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: server.post_image("/predict", JPEG), range(8)))
+
+    statuses = [status for status, _ in answers]
+    assert statuses == [200] * 8, (statuses, server.log_tail())
+    sha256 = hashlib.sha256(test_bundle.read_bytes()).hexdigest()
+    assert {body["model"]["sha256"] for _, body in answers} == {sha256}
+    assert len({str(body["predictions"]) for _, body in answers}) == 1  # one interpreter, same answer
+    assert emulator_downloads(fake_gcs, bucket) == 1
+    assert len(records(server, logger="model_fetch.gcs", message_prefix="downloaded ")) == 1
+    loaded = records(server, logger="dermal_fn.service", message_prefix="model loaded")
+    assert len(loaded) == 1
+    assert loaded[0]["downloaded"] is True
+    assert loaded[0]["source"] == f"gs://{bucket}/{OBJECT}"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] != []
+    assert [p.name for p in cache.iterdir() if p.name.endswith(".part")] == []
+    status, health = server.get_json("/health")
+    assert status == 200
+    assert health["model_state"] == "loaded"
+
+
+def test_first_health_warms_the_instance(
+    fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    bucket = fake_gcs.create_bucket()
+    fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    server = server_factory(gcs_env(fake_gcs, bucket, tmp_path / "cache"), wait=None)
+    server.wait_ready(path="/health")  # a platform's health check: the first answer starts loading
+
+    def loaded() -> bool:
+        return server.get_json("/health")[1]["model_state"] == "loaded"
+
+    wait_until(loaded, timeout_s=30, what="the model to load after the first /health")
+    assert emulator_downloads(fake_gcs, bucket) == 1
+    assert records(server, logger="dermal_fn.http", message_prefix="request")[0]["route"] == "/health"
+    assert not [r for r in server.logs() if r.get("route") == "/predict"]
+
+
+def test_missing_object_is_503_then_recovers_once_uploaded(
+    fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    bucket = fake_gcs.create_bucket()
+    server = server_factory(gcs_env(fake_gcs, bucket, tmp_path / "cache"))
+
+    status, body = server.post_image("/predict", JPEG)
+    assert status == 503
+    assert body["error"]["code"] == "model_unavailable"
+    assert f"expected object {OBJECT!r} in bucket {bucket!r}" in body["error"]["message"]
+    assert "no such object" in body["error"]["message"]
+    status, health = server.get_json("/health")
+    assert status == 503
+    assert health["status"] == "error"
+    assert health["model_state"] == "error"
+    assert "no such object" in health["error"]["message"]
+
+    fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    status, body = server.post_image("/predict", JPEG)  # a later request tries again
+    assert status == 200, (body, server.log_tail())
+    status, health = server.get_json("/health")
+    assert (status, health["status"], health["model_state"]) == (200, "ok", "loaded")
+
+
+def test_sha256_mismatch_is_refused_and_leaves_no_file(
+    fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    bucket = fake_gcs.create_bucket()
+    fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    cache = tmp_path / "cache"
+    wrong = "0" * 64
+    server = server_factory(gcs_env(fake_gcs, bucket, cache, MODEL_SHA256=wrong))
+
+    status, body = server.post_image("/predict", JPEG)
+    assert status == 503
+    assert body["error"]["code"] == "model_unavailable"
+    assert "sha256" in body["error"]["message"].lower()
+    assert wrong in body["error"]["message"]
+    assert emulator_downloads(fake_gcs, bucket) == 1  # it was downloaded, checked, and thrown away
+    assert not cache.exists() or list(cache.iterdir()) == []
+    assert server.get_json("/health")[1]["model_state"] == "error"
+
+
+def test_right_sha256_pin_is_served(
+    fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    bucket = fake_gcs.create_bucket()
+    fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    sha256 = hashlib.sha256(test_bundle.read_bytes()).hexdigest()
+    server = server_factory(gcs_env(fake_gcs, bucket, tmp_path / "cache", MODEL_SHA256=sha256.upper()))
+    status, body = server.post_image("/predict", JPEG)
+    assert status == 200, body
+    assert body["model"]["sha256"] == sha256
+
+
+def test_emulator_down_at_cold_start_is_503_then_recovers(
+    fresh_fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    bucket = fresh_fake_gcs.create_bucket()
+    fresh_fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    fresh_fake_gcs.stop()
+    server = server_factory(gcs_env(fresh_fake_gcs, bucket, tmp_path / "cache", MODEL_FETCH_TIMEOUT_S="2"))
+
+    started = time.monotonic()
+    status, body = server.post_image("/predict", JPEG)
+    assert status == 503
+    assert time.monotonic() - started < 20  # bounded by MODEL_FETCH_TIMEOUT_S, with slack for imports
+    assert body["error"]["code"] == "model_unavailable"
+    assert "StorageUnavailable" in body["error"]["message"]
+    assert server.get_json("/health")[1]["status"] == "error"
+    assert records(server, logger="model_fetch.gcs", message_prefix="transient error")  # it retried
+
+    fresh_fake_gcs.start()  # same port, same data
+    status, body = server.post_image("/predict", JPEG)
+    assert status == 200, (body, server.log_tail())
+    assert emulator_downloads(fresh_fake_gcs, bucket) == 1
+
+
+def test_restarted_server_reuses_the_cached_download(
+    fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    bucket = fake_gcs.create_bucket()
+    fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    env = gcs_env(fake_gcs, bucket, tmp_path / "cache")
+    first = server_factory(env)
+    assert first.post_image("/predict", JPEG)[0] == 200
+    first.stop()
+    second = server_factory(env)
+    assert second.post_image("/predict", JPEG)[0] == 200
+    assert emulator_downloads(fake_gcs, bucket) == 1
+    (loaded,) = records(second, logger="dermal_fn.service", message_prefix="model loaded")
+    assert loaded["downloaded"] is False
+
+
+def test_stop_kills_master_and_workers(server_factory: StartServer, test_bundle: Path) -> None:
+    server = server_factory({"MODEL_URI": str(test_bundle)})
+    pids = server.pids()
+    assert len(pids) >= 2  # the gunicorn master and its worker
+    rss = server.rss_mb()
+    assert server.peak_rss_mb() >= rss > 0  # VmHWM read after VmRSS
+    server.stop()
+    assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in pids)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+@pytest.mark.parametrize("path", ["/health", "/memory"])
+def test_model_loads_in_the_worker_not_the_master(
+    server_factory: StartServer, test_bundle: Path, path: str
+) -> None:
+    """Nothing is loaded at import: the master stays small, only the worker logs the load."""
+    server = server_factory({"MODEL_URI": str(test_bundle)}, wait=path)
+    assert server.post_image("/predict", JPEG)[0] == 200
+    (loaded,) = records(server, logger="dermal_fn.service", message_prefix="model loaded")
+    assert loaded["threads"] >= 1
+    master = server.process.pid if server.process is not None else -1
+    workers = [pid for pid in server.pids() if pid != master]
+    assert workers
+    assert not _maps_litert(master)
+    assert any(_maps_litert(pid) for pid in workers)
+
+
+def _maps_litert(pid: int) -> bool:
+    """True when the process has LiteRT's native library mapped."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+    return "ai_edge_litert" in maps
