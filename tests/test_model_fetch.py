@@ -6,6 +6,8 @@ import hashlib
 import http.client
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -126,6 +128,16 @@ def test_malformed_pin_is_a_value_error(pin: str, model_file: Path) -> None:
 def test_non_positive_timeout_is_a_value_error(timeout_s: float, model_file: Path) -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         fetch_model(str(model_file), timeout_s=timeout_s)
+
+
+def test_import_is_light() -> None:
+    """google-cloud-storage (~45 MB RSS) is imported by the first gs:// fetch, not by the package."""
+    code = "import sys, model_fetch; print('google.cloud.storage' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
 
 
 def test_exceptions_form_one_family() -> None:
