@@ -11,6 +11,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -49,6 +50,9 @@ ERROR_TABLE: dict[type[errors.DermalError], tuple[int, str]] = {
 IMAGE_TYPES_HINT = (
     "multipart/form-data (field 'image'), image/*, application/octet-stream or application/json"
 )
+# what a client-chosen name or id must look like to be echoed in a message, header or log
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 PUBLIC_ROUTES = frozenset({"/health", "/", "/openapi.json"})
 ROUTES: dict[str, tuple[str, ...]] = {
     "/": ("GET", "HEAD", "POST"),
@@ -172,7 +176,10 @@ def _multipart_image(form: MultiDict[str, str], files: MultiDict[str, Any]) -> b
             "expected multipart field 'image' to be a file upload, found a text field"
         )
     names = sorted(set(files) | set(form))
-    raise errors.InvalidRequest(f"expected a multipart file field 'image', found fields {names[:10]}")
+    shown = [name for name in names if _PLAIN_NAME.fullmatch(name)][:10]
+    raise errors.InvalidRequest(
+        f"expected a multipart file field 'image', found {len(names)} other field(s) {shown}"
+    )
 
 
 def _json_image(body: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -180,7 +187,15 @@ def _json_image(body: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, 
         raise errors.InvalidRequest('expected a JSON object {"image_base64": "..."}, found an empty body')
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidRequest(
+            'expected a JSON object {"image_base64": "..."} in UTF-8, found bytes that are not UTF-8 text'
+        ) from exc
+    except RecursionError as exc:
+        raise errors.InvalidRequest(
+            'expected a JSON object {"image_base64": "..."}, found JSON nested too deeply'
+        ) from exc
+    except ValueError as exc:
         raise errors.InvalidRequest(
             f'expected a JSON object {{"image_base64": "..."}}, found invalid JSON ({_describe(exc)})'
         ) from exc
@@ -313,7 +328,7 @@ def handle(request: flask.Request, *, service_factory: Callable[[], Service] = g
     started = time.perf_counter()
     route = "/" + request.path.strip("/")
     method = request.method.upper()
-    request_id = request.headers.get("X-Request-Id") or _trace_id(request) or uuid.uuid4().hex
+    request_id = _request_id(request)
     log: dict[str, Any] = {"request_id": request_id, "route": route, "method": method}
     try:
         service = service_factory()
@@ -361,13 +376,30 @@ def handle(request: flask.Request, *, service_factory: Callable[[], Service] = g
         )
     response.headers["X-Request-Id"] = request_id
     response = _cors(request, response, service.settings.cors_origins)
+    if response.status_code >= 400:
+        _skip_body_drain(response)
     _log_request(log, response.status_code, started)
     return response
 
 
-def _trace_id(request: flask.Request) -> str | None:
-    header = request.headers.get("X-Cloud-Trace-Context")
-    return header.split("/", 1)[0] if header else None
+def _skip_body_drain(response: flask.Response) -> None:
+    """Keep functions-framework from reading an unread body into memory after an error.
+
+    Its after-request hook calls ``request.get_data()`` (the whole remaining body, unbounded) unless
+    the response is streamed; a refused upload (413, 401, 404 ...) must not be held. The body is
+    sent as a one-item iterator; Content-Length stays set.
+    """
+    data = response.get_data()
+    response.response = iter([data])
+
+
+def _request_id(request: flask.Request) -> str:
+    """X-Request-Id or the Cloud trace id when well-formed (they are echoed and logged), else a new one."""
+    trace = (request.headers.get("X-Cloud-Trace-Context") or "").split("/", 1)[0]
+    for candidate in (request.headers.get("X-Request-Id", ""), trace):
+        if _REQUEST_ID.fullmatch(candidate):
+            return candidate
+    return uuid.uuid4().hex
 
 
 def _log_request(log: dict[str, Any], status: int, started: float) -> None:

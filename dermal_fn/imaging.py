@@ -75,11 +75,14 @@ def sniff(data: bytes) -> str:
 
 
 def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 of printable characters and whitespace (a multi-byte character cut at the end is fine)."""
     try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return all(char.isprintable() or char in "\t\r\n" for char in text)
 
 
 def decode(
@@ -114,7 +117,10 @@ def decode(
     except (InvalidImage, UnsupportedMediaType):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImage(f"expected an image of sane size, found a decompression bomb ({exc})") from exc
+        raise InvalidImage(
+            f"expected at most {max_pixels / 1e6:.0f} megapixels, found a header declaring far more "
+            "(a decompression bomb)"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
         raise InvalidImage(
             f"expected a complete {kind} image, found a damaged one ({type(exc).__name__})"

@@ -78,10 +78,17 @@ def _is_int(value: Any) -> bool:
         return True
     if isinstance(value, str):
         text = value.strip()
-        return text.lstrip("+-").isdigit() and len(text) <= 12
+        digits = text[1:] if text[:1] in ("+", "-") else text
+        # ASCII only: "²".isdigit() is True but int("²") fails
+        return digits.isascii() and digits.isdigit() and len(text) <= 12
     return False
 
 
 def _show(value: Any) -> str:
+    """A short rendering of a client's value for a message: long values are described, not echoed."""
+    if isinstance(value, str) and (len(value) > 40 or not value.isprintable()):
+        return f"a string of {len(value)} characters"
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 40 else f"a {type(value).__name__}"

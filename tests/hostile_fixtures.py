@@ -1,0 +1,395 @@
+"""Helpers for the hostile-input, privacy, access, OpenAPI and fuzz tests (issue 7).
+
+- a tiny seeded Keras model exported to a bundle, once per test session (``session_bundle``);
+- image makers for odd-but-valid and hostile uploads, all in memory;
+- ``client_for``: the real function through ``functions_framework.create_app(...).test_client()``;
+- ``ServerProcess``: a real ``functions-framework`` process on a free 127.0.0.1 port, stderr captured.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermal_fn.config import Settings
+from dermal_fn.demo import synth
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = REPO / "main.py"
+DEMO_BUNDLE = REPO / "dermal_fn" / "models" / "synthetic_demo.dermal"
+INPUT_SIDE = 48
+
+_BUNDLE: Path | None = None
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def session_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny seeded 4-class bundle (synth.LABELS), built once per test session (~2 s after TF import)."""
+    global _BUNDLE
+    if _BUNDLE is not None and _BUNDLE.is_file():
+        return _BUNDLE
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from dermal_fn.export import export_keras
+
+    directory = tmp_path_factory.mktemp("hostile-model")
+    keras.utils.set_random_seed(7)
+    inner = keras.Sequential(
+        [
+            keras.Input((INPUT_SIDE, INPUT_SIDE, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(16, 3, strides=2, name="c2"),
+            keras.layers.Activation("swish", name="top_activation"),
+        ],
+        name="inner",
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((INPUT_SIDE, INPUT_SIDE, 3)),
+            inner,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(len(synth.LABELS), activation="softmax"),
+        ]
+    )
+    keras_path = directory / "tiny.keras"
+    model.save(keras_path)
+    bundle = directory / "tiny.dermal"
+    export_keras(keras_path, bundle, labels=list(synth.LABELS), verify_inputs=2)
+    _BUNDLE = bundle
+    return bundle
+
+
+def settings_for(bundle: Path, **overrides: Any) -> Settings:
+    """Settings for a test service: the tiny bundle, 1 MB uploads, one thread, no memory limit."""
+    values: dict[str, Any] = {
+        "model_uri": str(bundle),
+        "max_upload_mb": 1.0,
+        "litert_threads": 1,
+        "memory_limit_mb": None,
+        "memory_soft_limit_mb": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def client_for(settings: Settings) -> Iterator[Any]:
+    """The real function (main.py) in a test client, with the process's service set to ``settings``."""
+    import functions_framework
+
+    from dermal_fn.service import reset_service
+
+    reset_service(settings)
+    try:
+        app = functions_framework.create_app(target="dermal", source=str(MAIN))
+        yield app.test_client()
+    finally:
+        reset_service(None)
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def lesion(*, size: int = 128, seed: int = 0, label: int = synth.ROUND_UNIFORM) -> synth.Sample:
+    """A synthetic skin photo with one drawn spot."""
+    return synth.generate(np.random.default_rng(seed), size=size, label=label, hair=False)
+
+
+def photo(*, size: int = 128, seed: int = 0) -> Image.Image:
+    """A synthetic RGB photo."""
+    return Image.fromarray(lesion(size=size, seed=seed).image, mode="RGB")
+
+
+def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    """Encode a Pillow image in memory."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def jpeg(*, size: int = 128, seed: int = 0, quality: int = 90) -> bytes:
+    """A synthetic photo as JPEG."""
+    return encode(photo(size=size, seed=seed), "JPEG", quality=quality)
+
+
+def png(*, size: int = 128, seed: int = 0) -> bytes:
+    """A synthetic photo as PNG."""
+    return encode(photo(size=size, seed=seed), "PNG")
+
+
+def png16() -> bytes:
+    """A 16-bit greyscale PNG with values over the whole 16-bit range."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    return encode(Image.fromarray(ramp), "PNG")
+
+
+def animated(fmt: str) -> tuple[bytes, Image.Image]:
+    """A 3-frame animation (GIF or WebP) and its first frame."""
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    params: dict[str, Any] = {"save_all": True, "append_images": frames[1:], "duration": 50, "loop": 0}
+    if fmt == "WEBP":
+        params["lossless"] = True
+    return encode(frames[0], fmt, **params), frames[0]
+
+
+@functools.cache
+def odd_valid_images() -> dict[str, bytes]:
+    """Unusual but valid uploads that must give 200."""
+    rgb = photo(size=96, seed=3)
+    palette_transparent = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette_transparent.info["transparency"] = 0
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    return {
+        "png_16bit": png16(),
+        "jpeg_cmyk": encode(rgb.convert("CMYK"), "JPEG"),
+        "png_palette": encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG"),
+        "png_palette_transparent": encode(palette_transparent, "PNG"),
+        "png_rgba": encode(rgba, "PNG"),
+        "png_greyscale_alpha": encode(rgb.convert("LA"), "PNG"),
+        "png_1bit": encode(rgb.convert("1"), "PNG"),
+        "jpeg_greyscale": encode(rgb.convert("L"), "JPEG"),
+        "png_greyscale": encode(rgb.convert("L"), "PNG"),
+        "gif_animated": animated("GIF")[0],
+        "webp_animated": animated("WEBP")[0],
+        "webp": encode(rgb, "WEBP"),
+        "bmp": encode(rgb, "BMP"),
+        "tiff": encode(rgb, "TIFF"),
+        "png_1x1": encode(Image.new("RGB", (1, 1), (120, 80, 60)), "PNG"),
+        "jpeg_1x1": encode(Image.new("RGB", (1, 1), (120, 80, 60)), "JPEG"),
+        "jpeg_progressive": encode(rgb, "JPEG", progressive=True),
+        "jpeg_exif_rotated": exif_rotated(rgb, orientation=6, fmt="JPEG"),
+        "jpeg_large_draft": jpeg(size=1600, seed=4, quality=70),
+    }
+
+
+# EXIF orientation -> the transpose a viewer applies to the stored pixels to show them upright
+VIEWER_TRANSPOSE: dict[int, Image.Transpose | None] = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# the inverse of each viewer transpose: how a camera stores an upright scene
+_INVERSE = {
+    Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270,
+    Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_rotated(upright: Image.Image, *, orientation: int, fmt: str = "JPEG") -> bytes:
+    """``upright`` stored the way a camera would, with an EXIF Orientation tag that restores it."""
+    viewer = VIEWER_TRANSPOSE[orientation]
+    stored = upright if viewer is None else upright.transpose(_INVERSE.get(viewer, viewer))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    params: dict[str, Any] = {"exif": exif.tobytes()}
+    if fmt == "JPEG":
+        params["quality"] = 95
+    return encode(stored, fmt, **params)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(width: int = 30_000, height: int = 30_000, *, rows: int = 16) -> bytes:
+    """A PNG header claiming ``width`` x ``height`` (8-bit grey) with a few KB of zero rows after it.
+
+    Decoding it fully would need ``width * height`` bytes; a decoder that trusts the header runs
+    out of memory before noticing the data ends. A few KB on the wire.
+    """
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = (b"\x00" + b"\x00" * width) * rows
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw, 9))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def jpeg_bomb(width: int = 65_000, height: int = 65_000) -> bytes:
+    """A small JPEG whose frame header is patched to claim ``width`` x ``height``."""
+    data = bytearray(jpeg(size=64))
+    index = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, index + 5, height, width)
+    return bytes(data)
+
+
+def gif_bomb(width: int = 65_535, height: int = 65_535) -> bytes:
+    """A tiny GIF whose logical screen and frame claim ``width`` x ``height``."""
+    data = bytearray(encode(Image.new("P", (8, 8)), "GIF"))
+    struct.pack_into("<HH", data, 6, width, height)
+    index = data.find(b"\x2c")
+    struct.pack_into("<HH", data, index + 5, width, height)
+    return bytes(data)
+
+
+def heic() -> bytes:
+    """The start of an HEIC file: an ISO-BMFF ``ftyp`` box with brand ``heic``, then a ``meta`` box."""
+    ftyp = b"ftyp" + b"heic" + b"\x00\x00\x00\x00" + b"mif1heic"
+    meta = b"meta" + b"\x00" * 24
+    return struct.pack(">I", len(ftyp) + 4) + ftyp + struct.pack(">I", len(meta) + 4) + meta
+
+
+def avif() -> bytes:
+    """The start of an AVIF file (ftyp brand ``avif``)."""
+    ftyp = b"ftyp" + b"avif" + b"\x00\x00\x00\x00" + b"mif1avif"
+    return struct.pack(">I", len(ftyp) + 4) + ftyp + b"\x00" * 32
+
+
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
+SVG_XML = b'<?xml version="1.0"?>\n' + SVG
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+# --- multipart -----------------------------------------------------------------------------------
+
+
+def multipart(
+    parts: list[tuple[str, bytes, str | None]], *, boundary: str = "dermal-test-boundary"
+) -> tuple[bytes, str]:
+    """A multipart/form-data body from (name, value, filename) parts, and its Content-Type."""
+    out = io.BytesIO()
+    for name, value, filename in parts:
+        out.write(f"--{boundary}\r\n".encode())
+        disposition = f'Content-Disposition: form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+            out.write(f"{disposition}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
+        else:
+            out.write(f"{disposition}\r\n\r\n".encode())
+        out.write(value)
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+# --- a real functions-framework process ----------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """``functions-framework --target=dermal`` on 127.0.0.1, stderr to a file; always stopped."""
+
+    def __init__(self, *, env: Mapping[str, str], log_path: Path, cwd: Path = REPO) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        executable = Path(sys.executable).parent / "functions-framework"
+        full_env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                str(executable),
+                "--target=dermal",
+                f"--source={MAIN}",
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+            ],
+            cwd=cwd,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, *, timeout_s: float = 60.0) -> None:
+        """Poll /health until the model is loaded."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.logs()[-2000:]}")
+            try:
+                status, body, _ = self.request("GET", "/health", timeout=2.0)
+                if status == 200 and json.loads(body).get("model_loaded"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready in {timeout_s} s: {self.logs()[-2000:]}")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """One HTTP request: (status, body, headers); error statuses are returned, not raised."""
+        request = urllib.request.Request(
+            self.base_url + path, data=body, method=method, headers=dict(headers or {})
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read(), dict(exc.headers)
+
+    def logs(self) -> str:
+        """Everything the process wrote so far."""
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        """Terminate (then kill) the process and close its log."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+@contextmanager
+def running_server(*, env: Mapping[str, str], log_path: Path) -> Iterator[ServerProcess]:
+    """A started, ready server that is stopped on exit whatever happens."""
+    server = ServerProcess(env=env, log_path=log_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
