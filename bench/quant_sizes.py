@@ -1,0 +1,159 @@
+"""Quantization cost on EfficientNetV2-S: bundle sizes per mode, then RAM, latency and agreement.
+
+    python bench/quant_sizes.py --out-dir bench/out/quant [--size 384] [--images 20]
+
+Builds ``EfficientNetV2S(weights=None, include_top=False)`` + GlobalAveragePooling2D + Dropout +
+Dense(7, softmax), seeded (random weights cost the same bytes, memory and time as trained ones), saves
+it as ``.keras``, exports it with ``--quantize none``, ``fp16``, ``int8-dynamic`` and ``int8`` (each in
+its own ``python -m dermal_fn export`` process), prints the sizes as a Markdown table and checks that
+the int8 bundle is at most 35 % of the fp32 one. With ``--images N > 0`` it then runs
+``python -m dermal_fn compare`` of the fp32 bundle against each quantized one on N generated images
+(peak RSS and p50 latency are measured in one child process per model). Exports are cached in the
+output folder; delete it to rebuild. Exit status 1 when the size check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+MODES = ("none", "fp16", "int8-dynamic", "int8")
+LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+INT8_MAX_SHARE = 0.35
+SEED = 0
+
+
+def build_keras(out: Path, *, size: int) -> None:
+    """Build, seed and save the classifier (TensorFlow is imported here only)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    keras.utils.set_random_seed(SEED)
+    base = keras.applications.EfficientNetV2S(weights=None, include_top=False, input_shape=(size, size, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    x = keras.layers.Dropout(0.2, seed=SEED, name="top_dropout")(x)
+    outputs = keras.layers.Dense(len(LABELS), activation="softmax", name="predictions")(x)
+    keras.Model(base.input, outputs, name="effnetv2s").save(out)
+
+
+def _run(command: Sequence[str], *, log: Path) -> float:
+    """Run a child with its output in a log file; the seconds it took."""
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as sink:
+        code = subprocess.run(list(command), stdout=sink, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed with status {code}; see {log}")
+    return time.perf_counter() - started
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build, export every mode, report sizes (and compare figures); 1 when int8 is too big."""
+    parser = argparse.ArgumentParser(prog="python bench/quant_sizes.py", description=__doc__)
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/out/quant"))
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--images", type=int, default=20, help="generated images for compare; 0 skips it")
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    out: Path = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    keras_path = out / f"effnetv2s_{args.size}.keras"
+    if args.build_only:
+        build_keras(keras_path, size=args.size)
+        return 0
+    labels = out / "labels.txt"
+    labels.write_text("".join(f"{label}\n" for label in LABELS), encoding="utf-8")
+    python = sys.executable
+    env_path = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = env_path + os.pathsep + os.environ.get("PYTHONPATH", "")
+    seconds: dict[str, float] = {}
+    if not keras_path.is_file():
+        seconds["build"] = _run(
+            [python, __file__, "--build-only", "--out-dir", str(out), "--size", str(args.size)],
+            log=out / "build.log",
+        )
+    bundles: dict[str, Path] = {}
+    for mode in MODES:
+        bundle = out / f"effnetv2s_{args.size}_{mode}.dermal"
+        if not bundle.is_file():
+            seconds[f"export {mode}"] = _run(
+                [
+                    python,
+                    "-m",
+                    "dermal_fn",
+                    "export",
+                    str(keras_path),
+                    "--out",
+                    str(bundle),
+                    "--labels",
+                    str(labels),
+                    "--quantize",
+                    mode,
+                ],
+                log=out / f"export_{mode}.log",
+            )
+        bundles[mode] = bundle
+
+    sizes = {mode: path.stat().st_size for mode, path in bundles.items()}
+    base_size = sizes["none"]
+    report: dict[str, object] = {
+        "model": f"EfficientNetV2-S {args.size}x{args.size}, 7 classes, random seeded weights",
+        "keras_bytes": keras_path.stat().st_size,
+        "bundle_bytes": sizes,
+        "share_of_fp32": {mode: round(size / base_size, 4) for mode, size in sizes.items()},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    lines = [
+        f"EfficientNetV2-S {args.size}x{args.size} (.keras {keras_path.stat().st_size / 1e6:.1f} MB)",
+        "",
+        "| mode | bundle MB | share of fp32 |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {mode} | {size / 1e6:.1f} | {size / base_size:.0%} |" for mode, size in sizes.items()]
+    print("\n".join(lines), flush=True)
+
+    if args.images > 0:
+        from dermal_fn.demo.synth import save_folder
+
+        images = out / f"images_{args.size}"
+        if not images.is_dir():
+            save_folder(images, args.images, seed=7, size=args.size)
+        comparisons = {}
+        for mode in MODES[1:]:
+            target = out / f"compare_{mode}.json"
+            _run(
+                [
+                    python,
+                    "-m",
+                    "dermal_fn",
+                    "compare",
+                    str(bundles["none"]),
+                    str(bundles[mode]),
+                    "--images",
+                    str(images),
+                    "--json",
+                    str(target),
+                ],
+                log=out / f"compare_{mode}.log",
+            )
+            comparisons[mode] = json.loads(target.read_text(encoding="utf-8"))
+            print((out / f"compare_{mode}.log").read_text(encoding="utf-8"), flush=True)
+        report["compare"] = comparisons
+
+    (out / "quant_sizes.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    share = sizes["int8"] / base_size
+    if share > INT8_MAX_SHARE:
+        print(f"FAIL: int8 bundle is {share:.0%} of fp32, above {INT8_MAX_SHARE:.0%}", file=sys.stderr)
+        return 1
+    print(f"ok: int8 bundle is {share:.0%} of fp32 (limit {INT8_MAX_SHARE:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

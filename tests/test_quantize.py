@@ -1,0 +1,520 @@
+"""Quantization: each mode end to end (export -> serve -> compare gate), exact Grad-CAM per bundle,
+clear errors for bad calibration folders, and the compare command's numbers and exit codes.
+
+The model is the demo architecture (dermal_fn.demo.train) trained for seconds on 64 px synthetic
+images in a session fixture; the comparison runs on 200 generated images, as the issue asks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermal_fn import bundle as bundle_format
+from dermal_fn.__main__ import main as cli
+from dermal_fn.compare import pearson_r, top_region, top_region_iou
+from dermal_fn.demo import synth
+from dermal_fn.engine import LiteRTEngine
+from dermal_fn.errors import ExportError
+from dermal_fn.export import calibration_images
+from dermal_fn.imaging import decode, model_input
+
+SIZE = 64
+MODES = ("none", "fp16", "int8-dynamic", "int8")
+N_IMAGES = 200
+
+
+# --- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def quant_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quantize")
+
+
+@pytest.fixture(scope="session")
+def demo_keras(quant_dir: Path) -> Path:
+    """The demo CNN at 64 px, trained for two short epochs (seeded)."""
+    from dermal_fn.demo.train import train
+
+    return train(quant_dir / "demo", size=SIZE, epochs=2, n_train=320, n_validation=32)
+
+
+@pytest.fixture(scope="session")
+def images(quant_dir: Path) -> Path:
+    """200 generated skin images, JPEG, another seed than training."""
+    folder = quant_dir / "images"
+    synth.save_folder(folder, N_IMAGES, seed=4242, size=SIZE)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calibration(quant_dir: Path) -> Path:
+    """A small calibration folder of generated photos (plus one stray text file, left out)."""
+    folder = quant_dir / "calibration"
+    synth.save_folder(folder, 16, seed=99, size=SIZE)
+    (folder / "README.txt").write_text("not an image\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bundles(demo_keras: Path, calibration: Path, quant_dir: Path) -> dict[str, Path]:
+    """The demo model exported in every mode through the command line."""
+    labels = demo_keras.with_name("labels.txt")
+    exported: dict[str, Path] = {}
+    for mode in MODES:
+        out = quant_dir / f"demo_{mode}.dermal"
+        argv = ["export", str(demo_keras), "--out", str(out), "--labels", str(labels), "--quantize", mode]
+        if mode == "int8":
+            argv += ["--calibration", str(calibration)]
+        assert cli(argv) == 0, f"export --quantize {mode} failed"
+        exported[mode] = out
+    return exported
+
+
+@pytest.fixture(scope="session")
+def keras_reference(demo_keras: Path) -> Any:
+    """The Keras model split at top_activation: (backbone model, head layers, final Dense)."""
+    import keras
+
+    model = keras.saving.load_model(demo_keras, compile=False)
+    names = [layer.name for layer in model.layers]
+    cut = names.index("top_activation")
+    head_layers = model.layers[cut + 1 :]
+    return model, head_layers[:-1], head_layers[-1]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return model_input(decode(path.read_bytes()).rgb, size=(SIZE, SIZE), scale="raw")
+
+
+def _engine(path: Path) -> LiteRTEngine:
+    return LiteRTEngine(path, sha256="0" * 64)
+
+
+def _compare(
+    base: Path, other: Path, images: Path, tmp_path: Path, *extra: str
+) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / "report.json"
+    code = cli(["compare", str(base), str(other), "--images", str(images), "--json", str(out), *extra])
+    return code, (json.loads(out.read_text()) if out.is_file() else {})
+
+
+# --- numbers -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([[0.0, 1.0], [0.5, 0.2]], [[0.0, 1.0], [0.5, 0.2]], 1.0),
+        ([[0.0, 1.0], [0.5, 0.2]], [[1.0, 0.0], [0.5, 0.8]], -1.0),
+        ([[0.0, 1.0], [0.5, 0.2]], [[0.0, 2.0], [1.0, 0.4]], 1.0),  # scale does not matter
+        ([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], 1.0),  # both blank and equal
+        ([[0.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]], 0.0),  # one blank: no correlation, no NaN
+    ],
+)
+def test_pearson_r(a: list[list[float]], b: list[list[float]], expected: float) -> None:
+    assert pearson_r(np.array(a), np.array(b)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pearson_r_refuses_grids_of_different_shapes() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        pearson_r(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_top_region_is_a_fifth_of_the_cells_highest_first() -> None:
+    grid = np.arange(25, dtype=float).reshape(5, 5)
+    region = top_region(grid)
+    assert region.sum() == 5
+    assert set(grid[region]) == {20.0, 21.0, 22.0, 23.0, 24.0}
+
+
+@pytest.mark.parametrize(
+    ("shift", "expected"),
+    [(0, 1.0), (5, 0.0), (2, 3 / 7)],  # 5 cells each: shift 2 overlaps 3 -> 3 / (5 + 5 - 3)
+)
+def test_top_region_iou(shift: int, expected: float) -> None:
+    a = np.arange(25, dtype=float)
+    b = np.roll(a, -shift)
+    assert top_region_iou(a.reshape(5, 5), b.reshape(5, 5)) == pytest.approx(expected)
+
+
+# --- calibration folders -----------------------------------------------------------------------------
+
+
+def _png(path: Path, pixels: np.ndarray) -> None:
+    Image.fromarray(pixels.astype(np.uint8), mode="RGB").save(path, format="PNG")
+
+
+def _fill(folder: Path, kind: str) -> Path:
+    """A calibration folder of one wrong kind: 12 files of it (3 good images for "too_few")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    if kind == "too_few":
+        synth.save_folder(folder, 3, seed=1, size=SIZE)
+        return folder
+    if kind == "truncated":
+        whole = synth.save_folder(folder / "whole", 1, seed=1, size=SIZE)[0]
+        data = whole.read_bytes()
+        whole.unlink()
+        whole.parent.rmdir()
+    for i in range(12):
+        if kind == "text":
+            (folder / f"row_{i}.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+        elif kind == "svg":
+            (folder / f"icon_{i}.svg").write_text(
+                '<svg xmlns="http://www.w3.org/2000/svg"/>', encoding="utf-8"
+            )
+        elif kind == "truncated":
+            (folder / f"cut_{i}.jpg").write_bytes(data[: len(data) // 3 + i])
+        elif kind == "blank":
+            _png(folder / f"grey_{i}.png", np.full((SIZE, SIZE, 3), 128))
+        elif kind == "tiny":
+            _png(folder / f"thumb_{i}.png", rng.integers(0, 255, size=(4, 4, 3)))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("empty", "found an empty folder"),
+        ("text", "12 files that are not decodable images (e.g. row_0.csv)"),
+        ("svg", "12 files of an unsupported image type"),
+        ("truncated", "12 files that are not decodable images (e.g. cut_0.jpg)"),
+        ("blank", "12 blank (one-colour) images (e.g. grey_0.png)"),
+        ("tiny", "12 images smaller than 8 px on a side"),
+        ("too_few", "found 3 of 3 files"),
+    ],
+)
+def test_bad_calibration_folder_is_a_clear_export_error(tmp_path: Path, kind: str, message: str) -> None:
+    folder = _fill(tmp_path / kind, kind)
+    with pytest.raises(ExportError, match="calibration folder") as caught:
+        calibration_images(folder, (SIZE, SIZE), "raw")
+    assert message in str(caught.value)
+    assert "expected at least 8 usable images" in str(caught.value) or kind == "empty"
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_calibration_must_be_a_folder(tmp_path: Path, what: str) -> None:
+    target = tmp_path / "calib"
+    if what == "file":
+        target.write_bytes(b"x")
+    with pytest.raises(ExportError, match="expected --calibration to be a folder of images"):
+        calibration_images(target, (SIZE, SIZE), "raw")
+
+
+def test_calibration_leaves_out_stray_files_with_a_warning(
+    calibration: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="dermal_fn.export"):
+        inputs = calibration_images(calibration, (SIZE, SIZE), "unit")
+    assert len(inputs) == 16
+    assert all(x.shape == (1, SIZE, SIZE, 3) and x.dtype == np.float32 for x in inputs)
+    assert min(float(x.min()) for x in inputs) >= 0.0 and max(float(x.max()) for x in inputs) <= 1.0
+    assert "README.txt" in caplog.text
+
+
+def test_no_calibration_folder_warns_and_uses_generated_images(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="dermal_fn.export"):
+        inputs = calibration_images(None, (SIZE, SIZE), "raw", limit=10)
+    assert len(inputs) == 10
+    assert "generated images" in caplog.text
+    assert np.std([float(x.mean()) for x in inputs]) > 0  # not one image repeated
+
+
+@pytest.mark.slow
+def test_export_int8_with_a_bad_calibration_folder_fails_and_writes_nothing(
+    demo_keras: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _fill(tmp_path / "blank", "blank")
+    out = tmp_path / "m.dermal"
+    argv = ["export", str(demo_keras), "--out", str(out), "--quantize", "int8", "--calibration", str(folder)]
+    with caplog.at_level(logging.ERROR):
+        assert cli(argv) == 2
+    assert "blank (one-colour) images" in caplog.text
+    assert not out.exists()
+    assert not list(tmp_path.glob(".*verifying"))
+
+
+# --- each mode end to end ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_bundle_is_written_verified_and_served(bundles: dict[str, Path], images: Path, mode: str) -> None:
+    path = bundles[mode]
+    loaded = bundle_format.read(path)
+    assert loaded.manifest.quantization == mode
+    verification = loaded.manifest.extra["verification"]
+    assert verification["head_max_probability_diff"] < 1e-4
+    assert verification["head_max_heatmap_diff"] < 1e-3
+    if mode != "none":
+        assert path.stat().st_size < 0.6 * bundles["none"].stat().st_size
+    engine = _engine(path)
+    result = engine.run(_pixels(next(images.iterdir())), score="logit")
+    assert result.probabilities.shape == (len(synth.LABELS),)
+    assert result.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+    assert result.grid is not None and result.grid.shape == (SIZE // 8, SIZE // 8)
+    assert np.isfinite(result.grid).all() and result.grid.min() >= 0.0 and result.grid.max() <= 1.0
+    engine.close()
+
+
+@pytest.mark.slow
+def test_int8_backbone_is_integer_inside_with_float32_edges(bundles: dict[str, Path]) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(bundles["int8"]))
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    convs = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    assert convs
+    for op in convs:
+        activation, weights = op["inputs"][:2]
+        assert interpreter._get_tensor_details(activation, 0)["dtype"] == np.int8
+        assert interpreter._get_tensor_details(weights, 0)["dtype"] == np.int8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcam_of_a_bundle_is_exact_for_that_bundle(
+    bundles: dict[str, Path], images: Path, keras_reference: Any, mode: str
+) -> None:
+    """The bundle's own feature map through the Keras head layers under tf.GradientTape."""
+    import tensorflow as tf
+
+    model, head_layers, final_dense = keras_reference
+    backbone = tf.keras.Model(model.input, model.get_layer("top_activation").output)
+    engine = _engine(bundles[mode])
+    own_vs_keras_features = 0.0
+    for path in sorted(images.iterdir())[:6]:
+        pixels = _pixels(path)
+        ours = engine.run(pixels, score="logit")
+        features = tf.convert_to_tensor(engine.feature_map(pixels))
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            x = features
+            for layer in head_layers:
+                x = layer(x, training=False)
+            logits = tf.matmul(x, final_dense.kernel) + final_dense.bias
+            score = logits[0, ours.class_index]
+        gradient = tape.gradient(score, features)
+        weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy()
+        expected = cam / max(float(cam.max()), 1e-12)
+        assert ours.grid is not None
+        np.testing.assert_allclose(ours.grid, expected, atol=1e-4)
+        np.testing.assert_allclose(ours.probabilities, tf.nn.softmax(logits)[0].numpy(), atol=1e-5)
+        keras_features = backbone(pixels, training=False).numpy()
+        own_vs_keras_features = max(
+            own_vs_keras_features, float(np.abs(keras_features - features.numpy()).max())
+        )
+    engine.close()
+    if mode == "none":
+        assert own_vs_keras_features < 1e-3
+    else:  # a quantized backbone really gives another feature map: the exactness above is not trivial
+        assert own_vs_keras_features > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "min_agreement", "min_r"),
+    [("fp16", 0.98, 0.95), ("int8-dynamic", 0.98, 0.95), ("int8", 0.9, 0.9)],
+)
+def test_compare_gate_passes_for_a_faithful_quantization(
+    bundles: dict[str, Path],
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+    min_agreement: float,
+    min_r: float,
+) -> None:
+    code, report = _compare(
+        bundles["none"],
+        bundles[mode],
+        images,
+        tmp_path,
+        "--min-agreement",
+        str(min_agreement),
+        "--min-heatmap-r",
+        str(min_r),
+    )
+    table = capsys.readouterr().out
+    assert code == 0, table
+    summary = report["summary"]
+    assert summary["images"] == N_IMAGES and len(report["images"]) == N_IMAGES
+    assert summary["top1_agreement"] >= min_agreement
+    assert summary["mean_heatmap_r"] >= min_r
+    assert 0.0 < summary["max_abs_probability_diff"] < 0.5
+    assert summary["mean_abs_probability_diff"] <= summary["max_abs_probability_diff"]
+    assert 0.0 <= summary["min_heatmap_iou"] <= summary["mean_heatmap_iou"] <= 1.0
+    assert report["base"]["bytes"] == bundles["none"].stat().st_size
+    assert report["other"]["bytes"] == bundles[mode].stat().st_size
+    for side in ("base", "other"):
+        assert report[side]["images"] == N_IMAGES
+        assert report[side]["p50_ms"] > 0
+        assert report[side]["rss_before_load_mb"] < report[side]["peak_rss_mb"] < 1000
+    assert report["failures"] == []
+    assert f"| top-1 agreement | - | {summary['top1_agreement']:.1%} |" in table
+    assert "| peak RSS (MB) |" in table and "| p50 latency (ms) |" in table
+
+
+@pytest.mark.slow
+def test_compare_of_a_bundle_with_itself_is_perfect(
+    bundles: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    code, report = _compare(
+        bundles["int8"], bundles["int8"], images, tmp_path, "--min-agreement", "1", "--min-heatmap-r", "1"
+    )
+    assert code == 0
+    summary = report["summary"]
+    assert summary["top1_agreement"] == 1.0
+    assert summary["max_abs_probability_diff"] == 0.0
+    assert summary["min_heatmap_r"] == pytest.approx(1.0) and summary["min_heatmap_iou"] == 1.0
+
+
+@pytest.fixture(scope="session")
+def other_model(quant_dir: Path, demo_keras: Path) -> Path:
+    """Same architecture and labels, untrained and seeded differently: a model that disagrees."""
+    import keras
+
+    from dermal_fn.demo.train import build_model
+    from dermal_fn.export import export_keras
+
+    keras.utils.set_random_seed(7)
+    path = quant_dir / "other.keras"
+    build_model(SIZE, len(synth.LABELS), seed=7).save(path)
+    out = quant_dir / "other.dermal"
+    export_keras(path, out, labels=demo_keras.with_name("labels.txt"))
+    return out
+
+
+@pytest.mark.slow
+def test_compare_gate_fails_with_exit_1_and_says_which_threshold(
+    bundles: dict[str, Path],
+    other_model: Path,
+    images: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        code, report = _compare(
+            bundles["none"], other_model, images, tmp_path, "--min-agreement", "0.98", "--limit", "40"
+        )
+    assert code == 1
+    assert report["summary"]["top1_agreement"] < 0.98
+    assert "top-1 agreement" in caplog.text and "--min-agreement 0.98" in caplog.text
+    assert "heatmap" not in caplog.text  # only the threshold that was given and missed
+    assert len(report["failures"]) == 1
+
+
+@pytest.mark.slow
+def test_compare_gate_on_heatmap_r_alone(bundles: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    # int8 keeps the heatmaps close but never identical: r = 1 is a threshold it must miss
+    code, report = _compare(bundles["none"], bundles["int8"], images, tmp_path, "--min-heatmap-r", "1")
+    assert code == 1
+    assert report["failures"] == [
+        f"mean heatmap r {report['summary']['mean_heatmap_r']:.4f} is below --min-heatmap-r 1.0"
+    ]
+
+
+def _bad_images(tmp_path: Path, kind: str) -> Path:
+    target = tmp_path / "imgs"
+    if kind == "file":
+        target.write_bytes(b"\xff\xd8\xff")
+    elif kind == "empty":
+        target.mkdir()
+    elif kind == "not_images":
+        target.mkdir()
+        for i in range(3):
+            (target / f"{i}.txt").write_text("hello", encoding="utf-8")
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "expected --images to be a folder of images, found nothing"),
+        ("file", "expected --images to be a folder of images, found a file"),
+        ("empty", "found an empty folder"),
+        ("not_images", "expected decodable images among 3 files, found none"),
+    ],
+)
+def test_compare_bad_images_folder_exits_2(
+    bundles: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, message: str
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        code, _ = _compare(bundles["none"], bundles["fp16"], _bad_images(tmp_path, kind), tmp_path)
+    assert code == 2
+    assert message in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "expected a bundle or .keras file at"),
+        ("text", "expected a dermal-fn bundle or a .keras file, found neither"),
+        ("truncated", "bundle"),
+    ],
+)
+def test_compare_unreadable_model_exits_2(
+    bundles: dict[str, Path],
+    images: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    message: str,
+) -> None:
+    model = tmp_path / "broken.dermal"
+    if kind == "text":
+        model.write_text("not a model", encoding="utf-8")
+    elif kind == "truncated":
+        data = bundles["int8"].read_bytes()
+        model.write_bytes(data[: len(data) // 2] + data[-2000:])  # zip tail intact, flatbuffer cut
+    with caplog.at_level(logging.ERROR):
+        code, _ = _compare(bundles["none"], model, images, tmp_path)
+    assert code == 2
+    assert message in caplog.text.lower() or message in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_compare_rejects_thresholds_out_of_range(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        code, _ = _compare(tmp_path / "a", tmp_path / "b", tmp_path, tmp_path, "--min-agreement", "98")
+    assert code == 2
+    assert "expected --min-agreement between 0 and 1, found 98.0" in caplog.text
+
+
+def test_measure_child_reports_one_json_line(tmp_path: Path) -> None:
+    """``python -m dermal_fn.compare --measure`` on a missing model: status 2, nothing on stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dermal_fn.compare",
+            "--measure",
+            str(tmp_path / "x"),
+            "--images",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "expected" in done.stderr
