@@ -79,6 +79,7 @@ def cgroup_dirs(
             for mount in mounts:
                 dirs.extend(_ancestors(root / mount, relative))
     dirs.append(root)
+    dirs.append(root / "unified")
     dirs.extend(root / mount for mount in mounts)
     unique: list[Path] = []
     for folder in dirs:

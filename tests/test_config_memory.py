@@ -1,0 +1,259 @@
+"""Settings from the environment, and the cgroup readers against folder trees laid out like /sys/fs/cgroup."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from dermal_fn import memory
+from dermal_fn.config import DEMO_BUNDLE, Settings
+from dermal_fn.errors import ConfigError, ModelUnavailable
+from dermal_fn.service import ModelHolder, Service, get_service, reset_service
+
+MIB = 1024 * 1024
+
+
+def tree(root: Path, files: dict[str, str]) -> Path:
+    """Write ``{"relative/path": "content"}`` under root; return root."""
+    for relative, content in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content + "\n")
+    return root
+
+
+# --- cgroup memory limit ------------------------------------------------------------------------------
+
+V2_PROC = "0::/\n"
+V1_PROC = "12:memory:/docker/abc\n11:cpu,cpuacct:/docker/abc\n0::/\n"
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "expected_mb"),
+    [
+        # cgroup v2 inside its own namespace: the container's cgroup is the mount root
+        (V2_PROC, {"memory.max": str(512 * MIB)}, 512.0),
+        (V2_PROC, {"memory.max": "max"}, None),
+        # v2 without a namespace: the process's cgroup path, the limit set on an ancestor
+        ("0::/system.slice/app.service\n", {"system.slice/memory.max": str(256 * MIB)}, 256.0),
+        # the smallest limit along the path wins
+        (
+            "0::/a/b\n",
+            {"a/memory.max": str(1024 * MIB), "a/b/memory.max": str(300 * MIB), "memory.max": "max"},
+            300.0,
+        ),
+        # cgroup v1, the container's cgroup bind-mounted at /sys/fs/cgroup/memory
+        (V1_PROC, {"memory/memory.limit_in_bytes": str(2048 * MIB)}, 2048.0),
+        # v1 with the full hierarchy visible
+        (V1_PROC, {"memory/docker/abc/memory.limit_in_bytes": str(768 * MIB)}, 768.0),
+        # v1 "no limit": a huge page-rounded number
+        (V1_PROC, {"memory/memory.limit_in_bytes": "9223372036854771712"}, None),
+        # hybrid: v1 controllers plus the unified hierarchy
+        ("4:memory:/\n0::/\n", {"unified/memory.max": str(128 * MIB)}, 128.0),
+        # garbage and nothing at all
+        (V2_PROC, {"memory.max": "lots"}, None),
+        (V2_PROC, {}, None),
+        ("", {}, None),
+    ],
+)
+def test_cgroup_memory_limit(
+    tmp_path: Path, proc: str, files: dict[str, str], expected_mb: float | None
+) -> None:
+    root = tree(tmp_path / "cgroup", files)
+    proc_cgroup = tmp_path / "proc-self-cgroup"
+    proc_cgroup.write_text(proc)
+    assert memory.cgroup_memory_limit_mb(root=root, proc_cgroup=proc_cgroup) == expected_mb
+
+
+def test_cgroup_dirs_never_leave_the_root(tmp_path: Path) -> None:
+    proc_cgroup = tmp_path / "proc"
+    proc_cgroup.write_text("0::/../../etc\n")
+    root = tmp_path / "cgroup"
+    for folder in memory.cgroup_dirs("memory", root=root, proc_cgroup=proc_cgroup):
+        assert folder.is_relative_to(root)
+
+
+# --- cgroup CPU quota and threads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "expected"),
+    [
+        (V2_PROC, {"cpu.max": "50000 100000"}, 0.5),
+        (V2_PROC, {"cpu.max": "200000 100000"}, 2.0),
+        (V2_PROC, {"cpu.max": "max 100000"}, None),
+        ("0::/a/b\n", {"a/cpu.max": "100000 100000", "a/b/cpu.max": "max 100000"}, 1.0),
+        (V1_PROC, {"cpu,cpuacct/cpu.cfs_quota_us": "150000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 1.5),
+        (V1_PROC, {"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "33333", "cpu/cpu.cfs_period_us": "100000"}, 0.33333),
+        (V2_PROC, {"cpu.max": "garbage"}, None),
+        (V2_PROC, {}, None),
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, proc: str, files: dict[str, str], expected: float | None) -> None:
+    root = tree(tmp_path / "cgroup", files)
+    proc_cgroup = tmp_path / "proc-self-cgroup"
+    proc_cgroup.write_text(proc)
+    quota = memory.cgroup_cpu_quota(root=root, proc_cgroup=proc_cgroup)
+    assert quota == (pytest.approx(expected) if expected is not None else None)
+
+
+@pytest.mark.parametrize(
+    ("quota", "affinity", "expected"),
+    [
+        (0.333, 8, 1),
+        (0.5, 2, 1),
+        (1.0, 4, 1),
+        (1.5, 4, 2),
+        (2.0, 4, 2),
+        (8.0, 2, 2),
+        (None, 3, 3),
+        (None, 0, 1),
+    ],
+)
+def test_available_cpus(quota: float | None, affinity: int, expected: int) -> None:
+    assert memory.available_cpus(quota=quota, affinity=affinity) == expected
+
+
+def test_litert_threads_default_to_the_cpu_quota_and_can_be_overridden() -> None:
+    assert Settings.from_env({}).litert_threads == memory.available_cpus()
+    assert Settings.from_env({"LITERT_THREADS": "3"}).litert_threads == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two"])
+def test_bad_litert_threads(value: str) -> None:
+    with pytest.raises(ConfigError, match="LITERT_THREADS"):
+        Settings.from_env({"LITERT_THREADS": value})
+
+
+# --- process memory -----------------------------------------------------------------------------------
+
+
+def test_rss_and_peak_are_plausible() -> None:
+    rss = memory.rss_mb()
+    peak = memory.peak_rss_mb()
+    assert peak is not None
+    assert 1.0 < rss <= peak + 1.0
+    assert rss < memory.host_memory_mb()
+
+
+def test_peak_rss_parses_vmhwm(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t  999 kB\nVmHWM:\t  204800 kB\nVmRSS:\t 1 kB\n")
+    assert memory.peak_rss_mb(status) == 200.0
+    status.write_text("Name:\tpython\n")
+    assert memory.peak_rss_mb(status) is None
+    assert memory.peak_rss_mb(tmp_path / "missing") is None
+
+
+# --- Settings -----------------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.model_uri == str(DEMO_BUNDLE)
+    assert settings.model_sha256 is None
+    assert settings.enable_gradcam is True
+    assert settings.max_upload_mb == 10.0
+    assert settings.max_upload_bytes == 10 * MIB
+    assert settings.api_key is None
+    assert settings.memory_limit_mb == memory.cgroup_memory_limit_mb()
+
+
+def test_memory_limit_and_soft_limit() -> None:
+    settings = Settings.from_env({"MEMORY_LIMIT_MB": "512"})
+    assert settings.memory_limit_mb == 512.0
+    assert settings.memory_soft_limit_mb == pytest.approx(460.8)
+    settings = Settings.from_env({"MEMORY_LIMIT_MB": "512", "MEMORY_SOFT_LIMIT_MB": "300"})
+    assert settings.memory_soft_limit_mb == 300.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MODEL_SHA256", "abc"),
+        ("MODEL_SHA256", "g" * 64),
+        ("ENABLE_GRADCAM", "maybe"),
+        ("MEMORY_LIMIT_MB", "0"),
+        ("MEMORY_SOFT_LIMIT_MB", "-5"),
+        ("MAX_UPLOAD_MB", "ten"),
+        ("MODEL_FETCH_TIMEOUT_S", "0"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("true", True), ("FALSE", False), ("0", False), ("on", True)]
+)
+def test_enable_gradcam_values(value: str, expected: bool) -> None:
+    assert Settings.from_env({"ENABLE_GRADCAM": value}).enable_gradcam is expected
+
+
+def test_sha256_pin_is_lowercased() -> None:
+    assert Settings.from_env({"MODEL_SHA256": "AB" * 32}).model_sha256 == "ab" * 32
+
+
+def test_blank_values_mean_unset() -> None:
+    settings = Settings.from_env({"MODEL_URI": "  ", "API_KEY": "", "MODEL_SHA256": " "})
+    assert settings.model_uri == str(DEMO_BUNDLE)
+    assert settings.api_key is None
+    assert settings.model_sha256 is None
+
+
+# --- the singleton ------------------------------------------------------------------------------------
+
+
+def test_get_service_is_one_per_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MODEL_URI", str(tmp_path / "none.dermal"))
+    reset_service()
+    try:
+        first = get_service()
+        assert get_service() is first
+        assert first.settings.model_uri == str(tmp_path / "none.dermal")
+        first.pid = -1  # as if made in a parent before fork: the child makes its own
+        assert get_service() is not first
+    finally:
+        reset_service()
+
+
+def test_concurrent_loads_share_one_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers waiting for a failing load get its answer; they do not each try again."""
+    from tests.http_fixtures import free_port
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    holder = ModelHolder(
+        Settings.from_env({"MODEL_URI": "gs://bucket/model.dermal", "MODEL_FETCH_TIMEOUT_S": "1"})
+    )
+    errors: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            holder.get()
+        except ModelUnavailable as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(errors) == 6
+    assert all("StorageUnavailable" in e for e in errors)
+    assert holder.state == "error"
+    assert holder._finished_attempts == 1  # the five others waited for the first attempt's answer
+    assert holder.warm() is False  # a polling health check does not retry at once
+
+
+def test_service_memory_status_without_a_container_limit() -> None:
+    service = Service(Settings(memory_limit_mb=None, memory_soft_limit_mb=None))
+    status = service.memory_status()
+    assert status["limit_source"] == "host"
+    assert status["limit_mb"] == pytest.approx(memory.host_memory_mb(), abs=0.1)
+    assert status["soft_limit_mb"] is None
