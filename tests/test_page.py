@@ -465,7 +465,7 @@ def test_non_image_shows_the_servers_error_message(
     tab = open_tab(server, viewport=PHONE)
     page = tab.page
     page.set_input_files("#file", photos["notes.txt"])
-    page.wait_for_selector(FAILED)
+    page.wait_for_selector(FAILED, state="attached")
     status, body = server.post_image(photos["notes.txt"])
     assert status == 400
     message = page.locator("#message")
@@ -488,7 +488,7 @@ def test_oversized_upload_shows_the_413_message(
     tab = open_tab(limited_server)
     page = tab.page
     page.set_input_files("#file", big)
-    page.wait_for_selector(FAILED)
+    page.wait_for_selector(FAILED, state="attached")
     status, body = limited_server.post_image(big)
     assert status == 413
     text = page.locator("#message").inner_text()
@@ -527,7 +527,7 @@ def test_api_key_prompt_then_memory_pressure_note(
     tab = open_tab(keyed_server)
     page = tab.page
     page.set_input_files("#file", photos["small.jpg"])
-    page.wait_for_selector("#results[data-state=auth]")
+    page.wait_for_selector("#results[data-state=auth]", state="attached")
     assert page.locator("#api-key").is_visible()
     assert page.evaluate("document.activeElement.id") == "api-key"
     assert "API key" in page.locator("#message").inner_text()
@@ -535,7 +535,7 @@ def test_api_key_prompt_then_memory_pressure_note(
 
     page.locator("#api-key").fill("not-the-key")
     page.locator("#auth-send").click()
-    page.wait_for_selector("#results[data-state=auth]")
+    page.wait_for_selector("#results[data-state=auth]", state="attached")
     assert "not accepted" in page.locator("#auth-hint").inner_text()
 
     page.locator("#api-key").fill(API_KEY)
@@ -568,8 +568,15 @@ def test_unavailable_model_is_reported_on_load_and_on_upload(
     page = tab.page
     page.wait_for_selector("#model-status[data-state=error]")
     assert "Model unavailable" in page.locator("#model-status").inner_text()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(broken_server.url + "health", timeout=10)
+    with refused.value as response:
+        assert response.code == 503
+        health = json.loads(response.read())
+    assert health["status"] == "error"
+    assert health["error"]["message"] in page.locator("#message").inner_text()  # said before any upload
     page.set_input_files("#file", photos["small.jpg"])
-    page.wait_for_selector(FAILED)
+    page.wait_for_selector(FAILED, state="attached")
     status, body = broken_server.post_image(photos["small.jpg"])
     assert status == 503
     text = page.locator("#message").inner_text()
