@@ -1,0 +1,154 @@
+"""The real server, started exactly as render.yaml starts it, and timed from spawn to its first 200."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or never answered 200; the message holds the tail of its log."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(
+    port: int, body: bytes, *, query: str = "", timeout_s: float = 120.0, content_type: str = "image/jpeg"
+) -> tuple[int, bytes]:
+    """POST ``body`` to /predict on a fresh connection; (status, response body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("POST", "/predict" + query, body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class Server:
+    """``functions-framework --target=dermal --source=main.py --port=$PORT`` with MODEL_URI set."""
+
+    def __init__(
+        self,
+        *,
+        model_uri: str | Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        wrap: tuple[list[str], dict[str, str]] | None = None,
+    ) -> None:
+        self.model_uri = str(model_uri)
+        self.log_path = log_path
+        self.extra_env = dict(env or {})
+        self.wrap = wrap
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.spawned_at = 0.0
+
+    @property
+    def argv(self) -> list[str]:
+        """The command line (render.yaml's startCommand, with $PORT filled in)."""
+        return [
+            str(BIN / "functions-framework"),
+            "--target=dermal",
+            "--source=main.py",
+            f"--port={self.port}",
+        ]
+
+    @property
+    def pid(self) -> int:
+        """The PID of the process tree's root."""
+        if self.process is None:
+            raise ServerFailed("expected a started server, found none")
+        return self.process.pid
+
+    def start(self) -> Server:
+        """Spawn the server (returns at once; see :meth:`wait_first_200`)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "LITERT_", "THREADS"))}
+        env.update(
+            {
+                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+                "PORT": str(self.port),
+                "MODEL_URI": self.model_uri,
+                "PYTHONUNBUFFERED": "1",
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+            }
+        )
+        env.update(self.extra_env)
+        argv = self.argv
+        if self.wrap is not None:
+            argv, wrap_env = self.wrap[0] + argv, self.wrap[1]
+            env.update(wrap_env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 (closed with the process)
+        self.spawned_at = time.perf_counter()
+        self.process = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        return self
+
+    def wait_first_200(self, body: bytes, *, timeout_s: float = 300.0) -> float:
+        """POST ``body`` until the first 200; seconds from spawn to that answer (the cold start)."""
+        deadline = self.spawned_at + timeout_s
+        last = "no answer"
+        while time.perf_counter() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerFailed(f"server exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                status, answer = post(self.port, body, timeout_s=timeout_s)
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                last = type(exc).__name__
+                time.sleep(0.01)
+                continue
+            if status == 200:
+                return time.perf_counter() - self.spawned_at
+            last = f"{status} {answer[:200]!r}"
+            time.sleep(0.05)
+        raise ServerFailed(f"expected a 200 within {timeout_s:g} s, found {last}: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        """Stop the whole process group (TERM, then KILL); returns the exit status."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        return process.returncode
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
