@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dermal_fn import memory
 from tests.gcs_emulator import FakeGCS, fake_gcs, fresh_fake_gcs
 from tests.http_fixtures import ServerProcess, jpeg_bytes, server_factory, test_bundle
 
@@ -217,15 +218,20 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] == "Z"
 
 
-@pytest.mark.parametrize("path", ["/health", "/memory"])
+@pytest.mark.parametrize(("path", "threads"), [("/health", None), ("/memory", "3")])
 def test_model_loads_in_the_worker_not_the_master(
-    server_factory: StartServer, test_bundle: Path, path: str
+    server_factory: StartServer, test_bundle: Path, path: str, threads: str | None
 ) -> None:
-    """Nothing is loaded at import: the master stays small, only the worker logs the load."""
-    server = server_factory({"MODEL_URI": str(test_bundle)}, wait=path)
+    """Nothing is loaded at import: the master stays small, only the worker loads the model.
+
+    LiteRT's threads follow the CPU quota (this machine's, the same for the server) unless
+    LITERT_THREADS says otherwise.
+    """
+    env = {"MODEL_URI": str(test_bundle)} | ({"LITERT_THREADS": threads} if threads else {})
+    server = server_factory(env, wait=path)
     assert server.post_image("/predict", JPEG)[0] == 200
     (loaded,) = records(server, logger="dermal_fn.service", message_prefix="model loaded")
-    assert loaded["threads"] >= 1
+    assert loaded["threads"] == (int(threads) if threads else memory.available_cpus())
     master = server.process.pid if server.process is not None else -1
     workers = [pid for pid in server.pids() if pid != master]
     assert workers
