@@ -320,6 +320,8 @@ def _cors(request: flask.Request, response: flask.Response, origins: tuple[str, 
         response.headers["Vary"] = "Origin"
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+        response.headers["Access-Control-Max-Age"] = "600"
     return response
 
 
