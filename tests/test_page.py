@@ -10,6 +10,7 @@ directly without it, these tests skip.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -278,6 +279,7 @@ class Tab:
 
     page: Any
     console: list[tuple[str, str]]
+    requests: list[str]  # network requests the page made (data: and blob: URLs excluded)
 
     def errors(self, *, expected_status: int | None = None) -> list[str]:
         """Console errors and uncaught exceptions, except the browser's own line for an expected HTTP error."""
@@ -313,9 +315,16 @@ def open_tab(browser: Any) -> Iterator[Any]:
         console: list[tuple[str, str]] = []
         page.on("console", lambda message: console.append((message.type, message.text)))
         page.on("pageerror", lambda error: console.append(("pageerror", str(error))))
+        requests: list[str] = []
+        page.on(
+            "request",
+            lambda request: (
+                requests.append(request.url) if not request.url.startswith(("data:", "blob:")) else None
+            ),
+        )
         page.goto(server.url)
         page.wait_for_selector("#model-status:not([data-state=unknown]):not([data-state=loading])")
-        return Tab(page=page, console=console)
+        return Tab(page=page, console=console, requests=requests)
 
     yield open_
     for context in contexts:
@@ -382,6 +391,7 @@ def test_upload_shows_predictions_and_heatmap_as_the_json_says(
     page.set_input_files("#file", photos["small.jpg"])
     page.wait_for_selector(DONE)
     assert page.locator("#original").evaluate("img => img.complete && img.naturalWidth") == 384
+    assert page.locator("#file-info").inner_text().startswith("small.jpg")
     overlay_size = wait_for_overlay(tab)
 
     status, body = server.post_image(photos["small.jpg"])
@@ -410,6 +420,8 @@ def test_upload_shows_predictions_and_heatmap_as_the_json_says(
     page.locator("#opacity").fill("100")
     tab.screenshot("desktop-result")
     assert tab.errors() == []
+    # self-contained: every request went to this server (nothing from a CDN, no web fonts)
+    assert tab.requests and all(url.startswith(server.url) for url in tab.requests), tab.requests
 
 
 def test_phone_width_keyboard_upload_without_horizontal_overflow(
@@ -437,6 +449,31 @@ def test_phone_width_keyboard_upload_without_horizontal_overflow(
         box = page.locator(selector).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
     tab.screenshot("phone-result")
+    assert tab.errors() == []
+
+
+def test_drag_and_drop(server: Server, open_tab: Any, photos: dict[str, Path]) -> None:
+    tab = open_tab(server)
+    page = tab.page
+    data_transfer = page.evaluate_handle(
+        """b64 => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], 'dropped.jpg', {type: 'image/jpeg'}));
+            return transfer;
+        }""",
+        base64.b64encode(photos["small.jpg"].read_bytes()).decode(),
+    )
+    page.dispatch_event("#dropzone", "dragenter", {"dataTransfer": data_transfer})
+    assert "drag" in (page.locator("#dropzone").get_attribute("class") or "")
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": data_transfer})
+    page.wait_for_selector(DONE)
+    assert "drag" not in (page.locator("#dropzone").get_attribute("class") or "")
+    assert page.locator("#file-info").inner_text().startswith("dropped.jpg")
+    wait_for_overlay(tab)
+    status, body = server.post_image(photos["small.jpg"])
+    assert status == 200
+    assert_matches_json(tab, body)
     assert tab.errors() == []
 
 
