@@ -251,11 +251,12 @@ def health(service: Service) -> flask.Response:
     the instance. A failed load answers 503 with ``"status": "error"`` and the reason.
     """
     holder = service.holder
-    engine = holder.engine
-    error = holder.error
-    warming = engine is None and holder.warm()
+    warming = holder.engine is None and holder.warm()
     state = holder.state
-    if state == "idle" and warming:
+    engine, error = holder.engine, holder.error  # read after state: a load may finish meanwhile
+    if engine is not None:
+        state = "loaded"
+    elif state == "idle" and warming:
         state = "loading"  # the load just started in the background
     body: dict[str, Any] = {"status": "ok", "model_loaded": engine is not None, "model_state": state}
     status, headers = 200, {}

@@ -334,9 +334,10 @@ def test_first_health_loads_the_model_in_the_background(client: Client, served: 
     assert response.status_code == 200
     first = response.get_json()
     assert first["status"] == "ok"
-    assert first["model_loaded"] is False
-    assert first["model_state"] == "loading"
-    assert first["loading"] is True
+    # the answer does not wait for the load; a tiny model may be loaded by the time it is written
+    assert first["model_state"] in ("loading", "loaded")
+    assert first["model_loaded"] is (first["model_state"] == "loaded")
+    assert first.get("loading", False) is (first["model_state"] == "loading")
     body = wait_for_state(client, "loaded")  # no /predict was made: the health check warmed it
     assert body["model_state"] == "loaded"
     assert body["model_loaded"] is True
