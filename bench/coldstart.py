@@ -1,0 +1,106 @@
+"""Cold start and memory of the real server: process start → first 200 on POST /predict, idle and peak RSS.
+
+    .venv/bin/python -m bench.coldstart [--model BUNDLE] [--runs 3] [--json OUT.json]
+
+For each source (``local``: MODEL_URI is the file; ``gcs``: MODEL_URI is ``gs://`` on a
+fake-gcs-server on 127.0.0.1, with an empty MODEL_CACHE_DIR each run, so every run downloads) it
+starts ``functions-framework --target=dermal --source=main.py --port=N`` (tests/http_fixtures.py),
+polls ``GET /memory`` until the server answers (RSS then: the idle server, no model), then
+``POST /predict`` until the first 200 (cold start = spawn → that 200), sends a burst of 8 concurrent
+requests with a 1600x1200 photo, and reads RSS and VmHWM summed over the server's processes
+(gunicorn master + worker) from /proc. Prints the medians over ``--runs``.
+
+The model defaults to the bundled demo model, else a tiny seeded one built on the spot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tests.http_fixtures import ServerProcess, jpeg_bytes
+
+DEMO = Path(__file__).resolve().parent.parent / "dermal_fn" / "models" / "synthetic_demo.dermal"
+SMALL_PHOTO = jpeg_bytes(width=640, height=480, seed=1)
+LARGE_PHOTO = jpeg_bytes(width=1600, height=1200, seed=2)
+
+
+def default_model(workdir: Path) -> Path:
+    """The demo bundle if present, else a tiny seeded bundle (tests/conftest.py's builder)."""
+    if DEMO.is_file():
+        return DEMO
+    from tests.conftest import build_tiny_model
+
+    return build_tiny_model(workdir / "tiny").bundle_path
+
+
+def one_run(model: Path, source: str, workdir: Path, gcs: Any) -> dict[str, float]:
+    """Start a server, time its cold start, measure its memory, stop it."""
+    env = {"MODEL_CACHE_DIR": tempfile.mkdtemp(dir=workdir, prefix="cache-")}
+    if source == "gcs":
+        bucket = gcs.create_bucket()
+        gcs.upload(bucket, "models/model.dermal", model.read_bytes())
+        env |= {"MODEL_URI": f"gs://{bucket}/models/model.dermal", "STORAGE_EMULATOR_HOST": gcs.url}
+    else:
+        env["MODEL_URI"] = str(model)
+    server = ServerProcess(env, log_path=workdir / f"server-{source}-{time.monotonic_ns()}.log")
+    with server:
+        server.wait_ready(path="/memory", timeout_s=120)
+        idle_rss = server.rss_mb()
+        status = 0
+        while status != 200:
+            status, body = server.post_image("/predict", SMALL_PHOTO, timeout_s=300)
+            if status != 200 and status != 503:
+                raise RuntimeError(f"expected 200 from /predict, found {status}: {body}")
+        assert server.started_at is not None
+        cold_s = time.monotonic() - server.started_at
+        loaded_rss = server.rss_mb()
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: server.post_image("/predict", LARGE_PHOTO)[0], range(8)))
+        if statuses != [200] * 8:
+            raise RuntimeError(f"expected eight 200s, found {statuses}; log:\n{server.log_tail()}")
+        time.sleep(0.5)
+        return {
+            "cold_start_s": cold_s,
+            "idle_rss_mb": idle_rss,
+            "loaded_rss_mb": loaded_rss,
+            "rss_after_burst_mb": server.rss_mb(),
+            "peak_rss_mb": server.peak_rss_mb(),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a bundle (default: the demo model, else a tiny one)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sources", default="local,gcs", help="comma-separated: local, gcs")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    from tests.gcs_emulator import FakeGCS
+
+    with tempfile.TemporaryDirectory(prefix="coldstart-") as tmp, FakeGCS() as gcs:
+        workdir = Path(tmp)
+        model = args.model or default_model(workdir)
+        report: dict[str, Any] = {"model": str(model), "model_mb": round(model.stat().st_size / 2**20, 2)}
+        for source in args.sources.split(","):
+            runs = [one_run(model, source, workdir, gcs) for _ in range(args.runs)]
+            report[source] = {
+                key: round(statistics.median(run[key] for run in runs), 3 if key.endswith("_s") else 1)
+                for key in runs[0]
+            } | {"runs": len(runs)}
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
