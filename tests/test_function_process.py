@@ -64,9 +64,9 @@ def test_eight_concurrent_first_requests_download_once(
     bucket = fake_gcs.create_bucket()
     fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
     cache = tmp_path / "cache"
-    server = server_factory(
-        gcs_env(fake_gcs, bucket, cache, THREADS="16"), wait="/memory"
-    )  # /memory: no warm-up
+    # THREADS=16: all eight requests are inside the function at once whatever this machine's CPU count
+    # (functions-framework's default is 4 per CPU); wait on /memory, which does not warm the model
+    server = server_factory(gcs_env(fake_gcs, bucket, cache, THREADS="16"), wait="/memory")
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: server.post_image("/predict", JPEG), range(8)))
