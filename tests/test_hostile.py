@@ -502,3 +502,31 @@ def test_burst_of_bombs_and_photos_leaves_the_server_serving(server: hf.ServerPr
     status, body, _ = server.request("POST", "/predict", body=JPEG, headers={"Content-Type": "image/jpeg"})
     assert status == 200 and json.loads(body)["predictions"]
     assert server.process.poll() is None
+
+
+# --- EXIF orientation and the heatmap (needs the trained demo bundle) -----------------------------
+
+
+@pytest.mark.skipif(not hf.DEMO_BUNDLE.is_file(), reason="trained demo bundle not built yet")
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_heatmap_lands_on_the_lesion_as_shown_for_exif_rotated_photos(orientation: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    sample = hf.lesion(size=256, seed=11)
+    upright = Image.fromarray(sample.image, mode="RGB")
+    rotated = hf.exif_rotated(upright, orientation=orientation, fmt="JPEG")
+    with hf.client_for(hf.settings_for(hf.DEMO_BUNDLE, max_upload_mb=4.0)) as demo:
+        plain = demo.post("/predict", data=hf.encode(upright, "JPEG", quality=95), content_type="image/jpeg")
+        turned = demo.post("/predict", data=rotated, content_type="image/jpeg")
+    grids = [np.asarray(r.get_json()["gradcam"]["grid"]) for r in (plain, turned)]
+    peaks = [np.unravel_index(np.argmax(grid), grid.shape) for grid in grids]
+    assert max(abs(a - b) for a, b in zip(peaks[0], peaks[1], strict=True)) <= 1
+    rows, cols = grids[1].shape
+    cell_h, cell_w = sample.mask.shape[0] / rows, sample.mask.shape[1] / cols
+    row, col = peaks[1]
+    window = sample.mask[
+        int(max(0, (row - 1) * cell_h)) : int((row + 2) * cell_h),
+        int(max(0, (col - 1) * cell_w)) : int((col + 2) * cell_w),
+    ]
+    assert window.any()  # the peak (within one cell) lies on the lesion as the viewer shows it
