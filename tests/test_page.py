@@ -3,7 +3,7 @@
 Every server here is a real ``functions-framework --target=dermal`` process on a free 127.0.0.1
 port serving a tiny seeded bundle built by the session (labels from ``dermal_fn.demo.synth``, a
 model name that says "synthetic"). Expected values come from the same server: each uploaded file is
-also POSTed with urllib, and the page must show what that JSON says. Screenshots go to
+also POSTed by the test (multipart, as the page sends it), and the page must show what that JSON says. Screenshots go to
 ``artifacts/screenshots/``. ``make test`` installs Chromium (``scripts/ensure_chromium.sh``); run
 directly without it, these tests skip.
 """
@@ -11,18 +11,14 @@ directly without it, these tests skip.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -33,6 +29,7 @@ import pytest
 from PIL import Image
 
 from dermal_fn.demo import synth
+from tests.http_fixtures import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -128,118 +125,65 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # --- servers -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    """A running ``functions-framework`` process and where it writes its log."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def post_image(self, path: Path, *, api_key: str | None = None) -> tuple[int, dict[str, Any]]:
-        """POST a file as multipart field 'image' (as the page does); status and JSON body."""
-        boundary = uuid.uuid4().hex
-        body = (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n"
-            ).encode()
-            + path.read_bytes()
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
-        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        request = urllib.request.Request(self.url + "predict", data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, json.loads(exc.read())
-
-
-def start_server(log_dir: Path, env: Mapping[str, str], *, wait_for_model: bool = True) -> Server:
-    """Start ``functions-framework --target=dermal`` with ``env``; return once /health answers."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    keep = ("PATH", "HOME", "LANG", "TMPDIR")
-    full_env = {k: os.environ[k] for k in keep if k in os.environ}
-    full_env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env})
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "functions-framework"),
-                "--target=dermal",
-                f"--source={REPO / 'main.py'}",
-                "--host=127.0.0.1",
-                f"--port={port}",
-            ],
-            cwd=REPO,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(url=f"http://127.0.0.1:{port}/", process=process, log_path=log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(server.url + "health", timeout=2) as response:
-                health = json.loads(response.read())
-            if not wait_for_model or health.get("model_loaded"):
-                return server
-        except OSError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise TimeoutError(f"server not ready within 60 s: {log_path.read_text()[-2000:]}")
-
-
-def stop_server(server: Server) -> None:
-    """Terminate the server's process group (then kill it if it lingers)."""
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(timeout=10)
+def post_multipart(server: ServerProcess, path: Path, *, api_key: str | None = None) -> tuple[int, Any]:
+    """POST a file to /predict as multipart field 'image' (as the page does): status and JSON body."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    status, _, answer = server.request("POST", "/predict", body=body, headers=headers)
+    return status, json.loads(answer)
 
 
 @pytest.fixture(scope="module")
-def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Start servers on demand; all are stopped when the module ends."""
-    started: list[Server] = []
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """Start servers shared by this module's tests (tests.http_fixtures.ServerProcess); all stopped at the end."""
     log_dir = tmp_path_factory.mktemp("page-servers")
+    servers: list[ServerProcess] = []
 
-    def make(env: Mapping[str, str], *, wait_for_model: bool = True) -> Server:
-        server = start_server(log_dir, env, wait_for_model=wait_for_model)
-        started.append(server)
+    def start(env: Mapping[str, str], *, wait_for_model: bool = True) -> ServerProcess:
+        server = ServerProcess(env, log_path=log_dir / f"server-{len(servers)}.log")
+        servers.append(server)
+        server.start()
+        server.wait_ready(path="/health")  # the first /health starts loading the model
+        deadline = time.monotonic() + 60
+        while wait_for_model:
+            if server.get_json("/health")[1].get("model_loaded"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"expected the model to load within 60 s; log:\n{server.log_tail()}")
+            time.sleep(0.05)
         return server
 
-    yield make
-    for server in started:
-        stop_server(server)
+    try:
+        yield start
+    finally:
+        # SIGTERM (gunicorn's graceful stop, ~2 s) to all groups at once; stop() then reaps each one.
+        # stop()'s own SIGINT goes unanswered here and would cost its full 5 s timeout per server.
+        for server in servers:
+            if server.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.process.pid, signal.SIGTERM)
+        for server in servers:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
-def server(server_factory: Any, page_bundle: Path) -> Server:
+def server(server_factory: Callable[..., ServerProcess], page_bundle: Path) -> ServerProcess:
     """Defaults: heatmaps on, 10 MB uploads, no API key."""
     return server_factory({"MODEL_URI": str(page_bundle)})
 
 
 @pytest.fixture(scope="module")
-def limited_server(server_factory: Any, page_bundle: Path) -> Server:
+def limited_server(server_factory: Callable[..., ServerProcess], page_bundle: Path) -> ServerProcess:
     """Heatmaps off and a tiny upload limit."""
     return server_factory(
         {"MODEL_URI": str(page_bundle), "ENABLE_GRADCAM": "false", "MAX_UPLOAD_MB": str(SMALL_UPLOAD_MB)}
@@ -247,13 +191,15 @@ def limited_server(server_factory: Any, page_bundle: Path) -> Server:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(server_factory: Any, page_bundle: Path) -> Server:
+def keyed_server(server_factory: Callable[..., ServerProcess], page_bundle: Path) -> ServerProcess:
     """An API key, and a soft memory limit every process exceeds (heatmaps always skipped)."""
     return server_factory({"MODEL_URI": str(page_bundle), "API_KEY": API_KEY, "MEMORY_SOFT_LIMIT_MB": "1"})
 
 
 @pytest.fixture(scope="module")
-def broken_server(server_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
+def broken_server(
+    server_factory: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> ServerProcess:
     """A model URI that points at nothing: the model is unavailable."""
     missing = tmp_path_factory.mktemp("page-missing") / "absent.dermal"
     return server_factory({"MODEL_URI": str(missing)}, wait_for_model=False)
@@ -307,7 +253,7 @@ def open_tab(browser: Any) -> Iterator[Any]:
     """Open the page of a server in a fresh context at a viewport size; closed after the test."""
     contexts: list[Any] = []
 
-    def open_(server: Server, *, viewport: Mapping[str, int] = DESKTOP) -> Tab:
+    def open_(server: ServerProcess, *, viewport: Mapping[str, int] = DESKTOP) -> Tab:
         context = browser.new_context(viewport=dict(viewport))
         contexts.append(context)
         page = context.new_page()
@@ -322,7 +268,7 @@ def open_tab(browser: Any) -> Iterator[Any]:
                 requests.append(request.url) if not request.url.startswith(("data:", "blob:")) else None
             ),
         )
-        page.goto(server.url)
+        page.goto(server.url + "/")
         page.wait_for_selector("#model-status:not([data-state=unknown]):not([data-state=loading])")
         return Tab(page=page, console=console, requests=requests)
 
@@ -379,7 +325,7 @@ def wait_for_overlay(tab: Tab) -> tuple[int, int]:
 
 
 def test_upload_shows_predictions_and_heatmap_as_the_json_says(
-    server: Server, open_tab: Any, photos: dict[str, Path]
+    server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     tab = open_tab(server)
     page = tab.page
@@ -394,7 +340,7 @@ def test_upload_shows_predictions_and_heatmap_as_the_json_says(
     assert page.locator("#file-info").inner_text().startswith("small.jpg")
     overlay_size = wait_for_overlay(tab)
 
-    status, body = server.post_image(photos["small.jpg"])
+    status, body = post_multipart(server, photos["small.jpg"])
     assert status == 200
     assert_matches_json(tab, body)
     assert (
@@ -421,11 +367,11 @@ def test_upload_shows_predictions_and_heatmap_as_the_json_says(
     tab.screenshot("desktop-result")
     assert tab.errors() == []
     # self-contained: every request went to this server (nothing from a CDN, no web fonts)
-    assert tab.requests and all(url.startswith(server.url) for url in tab.requests), tab.requests
+    assert tab.requests and all(url.startswith(server.url + "/") for url in tab.requests), tab.requests
 
 
 def test_phone_width_keyboard_upload_without_horizontal_overflow(
-    server: Server, open_tab: Any, photos: dict[str, Path]
+    server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     tab = open_tab(server, viewport=PHONE)
     page = tab.page
@@ -441,7 +387,7 @@ def test_phone_width_keyboard_upload_without_horizontal_overflow(
     page.set_input_files("#file", photos["medium.jpg"])
     page.wait_for_selector(DONE)
     wait_for_overlay(tab)
-    status, body = server.post_image(photos["medium.jpg"])
+    status, body = post_multipart(server, photos["medium.jpg"])
     assert status == 200
     assert_matches_json(tab, body)
     assert page.evaluate("document.scrollingElement.scrollWidth") <= PHONE["width"]
@@ -452,7 +398,7 @@ def test_phone_width_keyboard_upload_without_horizontal_overflow(
     assert tab.errors() == []
 
 
-def test_drag_and_drop(server: Server, open_tab: Any, photos: dict[str, Path]) -> None:
+def test_drag_and_drop(server: ServerProcess, open_tab: Any, photos: dict[str, Path]) -> None:
     tab = open_tab(server)
     page = tab.page
     data_transfer = page.evaluate_handle(
@@ -471,14 +417,14 @@ def test_drag_and_drop(server: Server, open_tab: Any, photos: dict[str, Path]) -
     assert "drag" not in (page.locator("#dropzone").get_attribute("class") or "")
     assert page.locator("#file-info").inner_text().startswith("dropped.jpg")
     wait_for_overlay(tab)
-    status, body = server.post_image(photos["small.jpg"])
+    status, body = post_multipart(server, photos["small.jpg"])
     assert status == 200
     assert_matches_json(tab, body)
     assert tab.errors() == []
 
 
 def test_twelve_megapixel_exif_rotated_phone_photo(
-    server: Server, open_tab: Any, photos: dict[str, Path]
+    server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     assert photos["phone.jpg"].stat().st_size > 1_000_000
     tab = open_tab(server)
@@ -489,7 +435,7 @@ def test_twelve_megapixel_exif_rotated_phone_photo(
     assert height > width  # stored landscape, EXIF says portrait: the server turned it upright
     preview = page.locator("#original").evaluate("img => [img.naturalWidth, img.naturalHeight]")
     assert preview == [3024, 4032]  # and the browser's preview agrees
-    status, body = server.post_image(photos["phone.jpg"])
+    status, body = post_multipart(server, photos["phone.jpg"])
     assert status == 200
     assert_matches_json(tab, body)
     tab.screenshot("desktop-phone-photo")
@@ -497,13 +443,13 @@ def test_twelve_megapixel_exif_rotated_phone_photo(
 
 
 def test_non_image_shows_the_servers_error_message(
-    server: Server, open_tab: Any, photos: dict[str, Path]
+    server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     tab = open_tab(server, viewport=PHONE)
     page = tab.page
     page.set_input_files("#file", photos["notes.txt"])
     page.wait_for_selector(FAILED, state="attached")
-    status, body = server.post_image(photos["notes.txt"])
+    status, body = post_multipart(server, photos["notes.txt"])
     assert status == 400
     message = page.locator("#message")
     assert message.is_visible()
@@ -518,7 +464,7 @@ def test_non_image_shows_the_servers_error_message(
 
 
 def test_oversized_upload_shows_the_413_message(
-    limited_server: Server, open_tab: Any, photos: dict[str, Path]
+    limited_server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     big = photos["medium.jpg"]
     assert big.stat().st_size > SMALL_UPLOAD_MB * 1024 * 1024
@@ -526,7 +472,7 @@ def test_oversized_upload_shows_the_413_message(
     page = tab.page
     page.set_input_files("#file", big)
     page.wait_for_selector(FAILED, state="attached")
-    status, body = limited_server.post_image(big)
+    status, body = post_multipart(limited_server, big)
     assert status == 413
     text = page.locator("#message").inner_text()
     assert "too large" in text
@@ -537,7 +483,7 @@ def test_oversized_upload_shows_the_413_message(
 
 
 def test_disabled_heatmap_is_said_plainly(
-    limited_server: Server, open_tab: Any, photos: dict[str, Path]
+    limited_server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     small = photos["small.jpg"]
     assert small.stat().st_size < SMALL_UPLOAD_MB * 1024 * 1024
@@ -546,7 +492,7 @@ def test_disabled_heatmap_is_said_plainly(
     assert "heatmaps off" in page.locator("#model-status").inner_text()
     page.set_input_files("#file", small)
     page.wait_for_selector(DONE)
-    status, body = limited_server.post_image(small)
+    status, body = post_multipart(limited_server, small)
     assert status == 200 and body["gradcam"] == {"status": "disabled"}
     assert_matches_json(tab, body)
     note = page.locator("#gradcam-note")
@@ -559,7 +505,7 @@ def test_disabled_heatmap_is_said_plainly(
 
 
 def test_api_key_prompt_then_memory_pressure_note(
-    keyed_server: Server, open_tab: Any, photos: dict[str, Path]
+    keyed_server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     tab = open_tab(keyed_server)
     page = tab.page
@@ -583,7 +529,7 @@ def test_api_key_prompt_then_memory_pressure_note(
     page.wait_for_selector(DONE)
     assert not page.locator("#auth").is_visible()
     assert not page.locator("#message").is_visible()
-    status, body = keyed_server.post_image(photos["small.jpg"], api_key=API_KEY)
+    status, body = post_multipart(keyed_server, photos["small.jpg"], api_key=API_KEY)
     assert status == 200
     assert_matches_json(tab, body)
     gradcam = body["gradcam"]
@@ -599,22 +545,19 @@ def test_api_key_prompt_then_memory_pressure_note(
 
 
 def test_unavailable_model_is_reported_on_load_and_on_upload(
-    broken_server: Server, open_tab: Any, photos: dict[str, Path]
+    broken_server: ServerProcess, open_tab: Any, photos: dict[str, Path]
 ) -> None:
     tab = open_tab(broken_server)
     page = tab.page
     page.wait_for_selector("#model-status[data-state=error]")
     assert "Model unavailable" in page.locator("#model-status").inner_text()
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(broken_server.url + "health", timeout=10)
-    with refused.value as response:
-        assert response.code == 503
-        health = json.loads(response.read())
+    status, health = broken_server.get_json("/health")
+    assert status == 503
     assert health["status"] == "error"
     assert health["error"]["message"] in page.locator("#message").inner_text()  # said before any upload
     page.set_input_files("#file", photos["small.jpg"])
     page.wait_for_selector(FAILED, state="attached")
-    status, body = broken_server.post_image(photos["small.jpg"])
+    status, body = post_multipart(broken_server, photos["small.jpg"])
     assert status == 503
     text = page.locator("#message").inner_text()
     assert "model is unavailable" in text
