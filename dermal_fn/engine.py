@@ -9,7 +9,9 @@ Two backends share one interface:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -127,8 +129,6 @@ class LiteRTEngine(Engine):
     """A bundle served with LiteRT (backbone) and NumPy (head)."""
 
     def __init__(self, path: str | Path, *, sha256: str, num_threads: int = 1) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
         loaded = bundle_format.read(path)
         manifest = loaded.manifest
         self.head = loaded.head
@@ -145,13 +145,16 @@ class LiteRTEngine(Engine):
         )
         self.num_threads = num_threads
         self._lock = threading.Lock()
+        self.weight_cache = xnnpack_weight_cache_path(path, sha256=sha256)
         try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-            self._interpreter.allocate_tensors()
+            self._model = _compiled_model(path, num_threads=num_threads, weight_cache=self.weight_cache)
+            (signature,) = self._model.get_signature_list()
+            (inp,) = self._model.get_input_tensor_details(signature).values()
+            (out,) = self._model.get_output_tensor_details(signature).values()
+            self._inputs = self._model.create_input_buffers(0)
+            self._outputs = self._model.create_output_buffers(0)
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"expected a LiteRT backbone the interpreter can load, found: {exc}") from exc
-        (inp,) = self._interpreter.get_input_details()
-        (out,) = self._interpreter.get_output_details()
+            raise BundleError(f"expected a LiteRT backbone the runtime can load, found: {exc}") from exc
         h, w = manifest.input_size
         if tuple(inp["shape"]) != (1, h, w, 3):
             raise BundleError(f"expected backbone input (1, {h}, {w}, 3), found {tuple(inp['shape'])}")
@@ -159,18 +162,73 @@ class LiteRTEngine(Engine):
             raise BundleError(
                 f"expected backbone output {manifest.feature_map_shape}, found {tuple(out['shape'][1:])}"
             )
-        self._input_index = int(inp["index"])
-        self._output_index = int(out["index"])
+        self._output_shape = tuple(int(d) for d in out["shape"])
 
     def feature_map(self, pixels: np.ndarray) -> np.ndarray:
         with self._lock:
-            self._interpreter.set_tensor(self._input_index, pixels)
-            self._interpreter.invoke()
-            return np.array(self._interpreter.get_tensor(self._output_index), dtype=np.float32)
+            self._inputs[0].write(np.ascontiguousarray(pixels, dtype=np.float32))
+            self._model.run_by_index(0, self._inputs, self._outputs)
+            size = int(np.prod(self._output_shape))
+            return self._outputs[0].read(size, np.float32).reshape(self._output_shape)
 
     def close(self) -> None:
         with self._lock:
-            self._interpreter = None
+            self._inputs, self._outputs = [], []
+            self._model = None
+
+
+def xnnpack_weight_cache_path(path: str | Path, *, sha256: str) -> Path:
+    """Where XNNPACK keeps this bundle's packed weights (a file in the temp dir, per model and runtime).
+
+    With the cache the packed weights are a mapped file (shared, reclaimable page cache) instead of
+    a private copy next to the mapped model: measured on EfficientNetV2-S @384 fp32, RSS after the
+    first inference 173 MB instead of 240 MB, and a restart loads in 0.08 s instead of 0.5 s.
+    """
+    import hashlib
+    import tempfile
+    from importlib.metadata import PackageNotFoundError, version
+
+    stat = Path(path).stat()
+    try:
+        runtime = version("ai-edge-litert")
+    except PackageNotFoundError:
+        runtime = "unknown"
+    key = f"{sha256}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{runtime}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / "dermal-fn-xnnpack" / f"{digest}.xnnpack"
+
+
+def _compiled_model(path: str | Path, *, num_threads: int, weight_cache: Path) -> Any:
+    """A LiteRT CompiledModel on the CPU (XNNPACK), its packed weights in ``weight_cache``.
+
+    XNNPACK writes the cache file while it builds; it is built under a name of this process and
+    renamed into place afterwards, so a concurrent start never maps a half-written cache.
+    """
+    from ai_edge_litert.compiled_model import CompiledModel
+    from ai_edge_litert.cpu_options import CpuOptions
+    from ai_edge_litert.options import Options
+
+    def load(cache: Path | None) -> Any:
+        options = Options(
+            cpu_options=CpuOptions(num_threads=num_threads, xnnpack_weight_cache_path=str(cache or ""))
+        )
+        return CompiledModel.from_file(str(path), options=options)
+
+    if weight_cache.exists():
+        return load(weight_cache)
+    try:
+        weight_cache.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return load(None)
+    building = weight_cache.with_name(f"{weight_cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        model = load(building)
+        if building.exists() and building.stat().st_size > 0:
+            os.replace(building, weight_cache)
+    finally:
+        with contextlib.suppress(OSError):
+            building.unlink()
+    return model
 
 
 def is_keras_file(path: str | Path) -> bool:
