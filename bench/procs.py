@@ -22,6 +22,18 @@ def status_mb(pid: int, key: str) -> float | None:
     return None
 
 
+def pss_mb(pid: int) -> float | None:
+    """Proportional set size (shared pages split between their users) from smaps_rollup, in MB."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    return None
+
+
 def tree_pids(pid: int) -> list[int]:
     """``pid`` and all its descendants that are alive now."""
     try:
@@ -39,6 +51,7 @@ class TreeMemory:
     interval_s: float = 0.1
     started: float = field(default_factory=time.perf_counter)
     samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, RSS MB)
+    max_pss_mb: float = 0.0  # the largest sampled tree PSS: shared pages (master/worker) counted once
     hwm_mb: dict[int, float] = field(default_factory=dict)  # latest VmHWM per pid
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -46,15 +59,17 @@ class TreeMemory:
 
     def sample(self) -> float:
         """Read every process of the tree once; returns the tree's RSS in MB."""
-        total = 0.0
+        total = pss = 0.0
         for pid in tree_pids(self.pid):
             rss = status_mb(pid, "VmRSS")
             hwm = status_mb(pid, "VmHWM")
             if rss is not None:
                 total += rss
+            pss += pss_mb(pid) or 0.0
             if hwm is not None:
                 self.hwm_mb[pid] = max(hwm, self.hwm_mb.get(pid, 0.0))
         self.samples.append((time.perf_counter() - self.started, total))
+        self.max_pss_mb = max(self.max_pss_mb, pss)
         return total
 
     def peak_mb(self) -> float:

@@ -18,6 +18,22 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def render_env(path: Path = REPO / "render.yaml") -> dict[str, str]:
+    """The fixed environment render.yaml gives the web service (``sync: false`` entries are not values)."""
+    import yaml
+
+    try:
+        blueprint = yaml.safe_load(path.read_text())
+    except OSError:
+        return {}
+    env: dict[str, str] = {}
+    for service in blueprint.get("services", []):
+        for item in service.get("envVars", []):
+            if "value" in item:
+                env[str(item["key"])] = str(item["value"])
+    return env
+
+
 class ServerFailed(RuntimeError):
     """The server exited or never answered 200; the message holds the tail of its log."""
 
@@ -43,7 +59,11 @@ def post(
 
 
 class Server:
-    """``functions-framework --target=dermal --source=main.py --port=$PORT`` with MODEL_URI set."""
+    """``functions-framework --target=dermal --source=main.py --port=$PORT`` with render.yaml's environment.
+
+    ``without`` drops some of render.yaml's variables (e.g. the memory limits, so that every
+    configuration outside the cgroup does the same work: heatmaps are never skipped).
+    """
 
     def __init__(
         self,
@@ -52,11 +72,13 @@ class Server:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         wrap: tuple[list[str], dict[str, str]] | None = None,
+        without: tuple[str, ...] = (),
     ) -> None:
         self.model_uri = str(model_uri)
         self.log_path = log_path
         self.extra_env = dict(env or {})
         self.wrap = wrap
+        self.without = without
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
@@ -80,7 +102,9 @@ class Server:
 
     def start(self) -> Server:
         """Spawn the server (returns at once; see :meth:`wait_first_200`)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "LITERT_", "THREADS"))}
+        ours = ("MODEL_", "LITERT_", "MEMORY_", "THREADS", "WORKERS", "ENABLE_GRADCAM", "MAX_", "API_KEY")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+        env.update({k: v for k, v in render_env().items() if k not in self.without and k != "PYTHON_VERSION"})
         env.update(
             {
                 "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
