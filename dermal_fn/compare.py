@@ -123,9 +123,7 @@ def image_files(folder: str | Path, *, limit: int | None = None) -> list[Path]:
         raise FileNotFoundError(f"expected --images to be a folder of images, found nothing at {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"expected --images to be a folder of images, found a file: {root}")
-    files = sorted(
-        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:])
-    )
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise InvalidImage(f"expected images in {root}, found an empty folder")
     return files[:limit] if limit else files
@@ -262,7 +260,12 @@ def measure_in_child(
     command += ["--threads", str(num_threads)]
     if limit:
         command += ["--limit", str(limit)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    package_root = str(Path(__file__).resolve().parents[1])  # the child imports this same dermal_fn
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=MEASURE_TIMEOUT_S, env=env, check=False
     )
