@@ -518,3 +518,37 @@ def test_measure_child_reports_one_json_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stdout == ""
     assert "expected" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["none", "int8-dynamic"])
+def test_a_confident_model_exports(tmp_path: Path, mode: str) -> None:
+    """Softmax saturated (p = 1 - 1e-6): TensorFlow's float32 probability gradient is noise there,
+    which must not make the exporter refuse a faithful bundle."""
+    import keras
+
+    from dermal_fn.export import export_keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="top_activation"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    dense = model.layers[-1]
+    kernel = np.zeros((8, 3), dtype=np.float32)
+    kernel[:, 0] = 4.0
+    dense.set_weights([kernel, np.array([20.0, 0.0, 0.0], dtype=np.float32)])
+    path = tmp_path / "confident.keras"
+    model.save(path)
+    report = export_keras(path, tmp_path / "confident.dermal", quantize=mode)  # type: ignore[arg-type]
+    assert report.top1_agreement == 1.0
+    probabilities = (
+        _engine(tmp_path / "confident.dermal")
+        .run(np.full((1, 32, 32, 3), 128.0, dtype=np.float32))
+        .probabilities
+    )
+    assert probabilities[0] > 1 - 1e-6
