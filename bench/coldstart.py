@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.coldstart [--model BUNDLE] [--runs 3] [--json OUT.json]
 
 For each source (``local``: MODEL_URI is the file; ``gcs``: MODEL_URI is ``gs://`` on a
-fake-gcs-server on 127.0.0.1, with an empty MODEL_CACHE_DIR each run, so every run downloads) it
+fake-gcs-server on 127.0.0.1) and each run (as in a new container: an empty MODEL_CACHE_DIR and TMPDIR,
+so every ``gs://`` run downloads and every run builds LiteRT's XNNPACK weight cache) it
 starts ``functions-framework --target=dermal --source=main.py --port=N`` (tests/http_fixtures.py),
 polls ``GET /memory`` until the server answers (RSS then: the idle server, no model), then
 ``POST /predict`` until the first 200 (cold start = spawn → that 200), sends a burst of 8 concurrent
@@ -43,7 +44,11 @@ def default_model(workdir: Path) -> Path:
 
 def one_run(model: Path, source: str, workdir: Path, gcs: Any) -> dict[str, float]:
     """Start a server, time its cold start, measure its memory, stop it."""
-    env = {"MODEL_CACHE_DIR": tempfile.mkdtemp(dir=workdir, prefix="cache-")}
+    # a new container: empty model cache, empty temp dir (no XNNPACK weight cache from a previous run)
+    env = {
+        "MODEL_CACHE_DIR": tempfile.mkdtemp(dir=workdir, prefix="cache-"),
+        "TMPDIR": tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
+    }
     if source == "gcs":
         bucket = gcs.create_bucket()
         gcs.upload(bucket, "models/model.dermal", model.read_bytes())
