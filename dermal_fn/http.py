@@ -101,7 +101,7 @@ def read_body(request: flask.Request, *, limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise errors.PayloadTooLarge(
-            f"expected a body of at most {limit / 1048576:g} MB, found Content-Length {declared / 1048576:.1f} MB"
+            f"expected a body of at most {limit / 1048576:.3g} MB, found Content-Length {declared / 1048576:.1f} MB"
         )
     buffer = io.BytesIO()
     stream = request.stream
@@ -112,7 +112,9 @@ def read_body(request: flask.Request, *, limit: int) -> bytes:
                 break
             buffer.write(chunk)
             if buffer.tell() > limit:
-                raise errors.PayloadTooLarge(f"expected a body of at most {limit / 1048576:g} MB, found more")
+                raise errors.PayloadTooLarge(
+                    f"expected a body of at most {limit / 1048576:.3g} MB, found more"
+                )
     except (ClientDisconnected, RequestEntityTooLarge) as exc:
         raise errors.InvalidRequest(
             f"expected a complete body, found the upload cut short ({type(exc).__name__})"
@@ -304,6 +306,7 @@ def openapi() -> flask.Response:
 
 def predict(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
     """POST /predict: the contract's 200 body."""
+    service.gate.check_capacity()  # a full queue refuses before the upload is read into memory
     image, raw_options = parse_upload(request, limit=service.settings.max_upload_bytes)
     options = PredictOptions.parse(raw_options)
     result = service.predict(image, options)

@@ -27,7 +27,8 @@ RESIZE_METHODS: dict[str, Image.Resampling] = {
 }
 
 DECODABLE = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = 24_000_000
+JPEG_PIXEL_FACTOR = 4
 # decode at least this large, so the overlay has a useful resolution
 DISPLAY_SIDE = 512
 
@@ -102,9 +103,11 @@ def decode(
             width, height = image.size
             if width < 1 or height < 1:
                 raise InvalidImage(f"expected a non-empty image, found {width}x{height}")
-            if width * height > max_pixels:
+            # a JPEG is decoded at 1/2..1/8 scale (draft), so it may declare 4x as many pixels
+            allowed = max_pixels * (JPEG_PIXEL_FACTOR if kind == "JPEG" else 1)
+            if width * height > allowed:
                 raise InvalidImage(
-                    f"expected at most {max_pixels / 1e6:.0f} megapixels, found {width}x{height} "
+                    f"expected at most {allowed / 1e6:.0f} megapixels, found {width}x{height} "
                     f"({width * height / 1e6:.0f} MP)"
                 )
             if kind == "JPEG":

@@ -185,6 +185,11 @@ class InferenceGate:
         """Requests waiting for a slot now."""
         return self._waiting
 
+    def check_capacity(self) -> None:
+        """Refuse early (before the body is read) when the queue is already full."""
+        if self._waiting >= self.max_queue and self._waiting > 0:
+            raise Overloaded(f"expected at most {self.max_queue} queued requests, found the queue full")
+
     def __enter__(self) -> InferenceGate:
         if self._slots.acquire(blocking=False):
             return self

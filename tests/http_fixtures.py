@@ -208,12 +208,12 @@ class ServerProcess:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Kill the server's whole process group (SIGINT: gunicorn's quick shutdown; SIGKILL after 5 s)."""
+        """Stop the server's whole process group (SIGTERM: gunicorn's graceful stop; SIGKILL after 5 s)."""
         process, self.process = self.process, None
         if process is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
+            os.killpg(process.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5.0)
         with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
