@@ -44,7 +44,7 @@ class Settings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     litert_threads: int = 1  # LITERT_THREADS, else the cgroup CPU quota rounded up (at least 1)
-    max_queue: int = 4  # requests waiting for the model beyond the one running
+    max_queue: int = 8  # requests waiting for the model beyond the one running
     queue_timeout_s: float = 30.0
     model_load_timeout_s: float = 120.0
     model_fetch_timeout_s: float = 120.0
@@ -102,7 +102,7 @@ class Settings:
             api_key=get("API_KEY"),
             cors_origins=origins,
             litert_threads=int(threads) if threads is not None else available_cpus(),
-            max_queue=int(number("MAX_QUEUE", 4, minimum=0.0) or 0),
+            max_queue=int(number("MAX_QUEUE", 8, minimum=0.0) or 0),
             queue_timeout_s=float(number("QUEUE_TIMEOUT_S", 30.0, minimum=0.0) or 0.0),
             model_load_timeout_s=float(number("MODEL_LOAD_TIMEOUT_S", 120.0, minimum=0.1) or 120.0),
             model_fetch_timeout_s=float(number("MODEL_FETCH_TIMEOUT_S", 120.0, minimum=0.1) or 120.0),

@@ -294,20 +294,21 @@ class Service:
             inference = engine.run(
                 pixels, class_index=options.class_, score=options.score, gradcam=do_gradcam
             )
-            render_ms = 0.0
-            if do_gradcam and inference.grid is not None:
-                t1 = timer()
-                overlay = render.overlay_png_base64(photo, inference.grid)
-                render_ms = (timer() - t1) * 1e3
-                gradcam_body = {
-                    "status": "ok",
-                    "class_index": inference.class_index,
-                    "label": info.labels[inference.class_index],
-                    "layer": info.layer,
-                    "score": inference.score,
-                    "grid": np.round(inference.grid, 4).tolist(),
-                    "overlay_png": overlay,
-                }
+        # rendering (blend + PNG) needs no model: outside the gate, it overlaps the next invoke
+        render_ms = 0.0
+        if do_gradcam and inference.grid is not None:
+            t1 = timer()
+            overlay = render.overlay_png_base64(photo, inference.grid)
+            render_ms = (timer() - t1) * 1e3
+            gradcam_body = {
+                "status": "ok",
+                "class_index": inference.class_index,
+                "label": info.labels[inference.class_index],
+                "layer": info.layer,
+                "score": inference.score,
+                "grid": np.round(inference.grid, 4).tolist(),
+                "overlay_png": overlay,
+            }
         order = np.argsort(-inference.probabilities, kind="stable")[: options.top_k]
         body = {
             "model": info.as_json(),
