@@ -44,5 +44,13 @@ browser:
 demo-model: $(DEV_STAMP)
 	$(PY) -m dermal_fn.demo.build
 
+## the full benchmark beside TensorFlow and inside a 512 MiB cgroup (~15 min; docs/benchmark.md)
+bench: $(DEV_STAMP)
+	$(PY) -m bench.run --plot docs/benchmark-rss.png
+
+## the same in seconds, on a tiny model
+bench-smoke: $(DEV_STAMP)
+	$(PY) -m bench.run --quick --allow-no-cgroup --out bench/out/smoke
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache artifacts
