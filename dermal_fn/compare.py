@@ -13,7 +13,6 @@ threshold given on the command line is missed, 2 on errors, so it can gate a dep
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -141,11 +140,9 @@ def decoded_images(files: Sequence[Path], *, min_side: int) -> Iterator[tuple[Pa
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from model_fetch.digest import file_digests
+
+    return file_digests(path).sha256
 
 
 def open_engine(path: str | Path, *, num_threads: int = 1) -> Any:

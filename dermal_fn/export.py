@@ -9,7 +9,6 @@ TensorFlow is imported inside these functions only.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import tempfile
@@ -54,11 +53,9 @@ class Verification:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from model_fetch.digest import file_digests
+
+    return file_digests(path).sha256
 
 
 def verification_inputs(
