@@ -16,6 +16,7 @@ used at test and benchmark time, where TensorFlow is not installed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -30,6 +31,7 @@ LABELS: tuple[str, ...] = (
     "oval_spot_with_halo",
 )
 NO_LESION, ROUND_UNIFORM, IRREGULAR_MULTICOLOUR, OVAL_WITH_HALO = range(len(LABELS))
+SPOT_CLASSES: tuple[int, ...] = (ROUND_UNIFORM, IRREGULAR_MULTICOLOUR, OVAL_WITH_HALO)
 
 HAIR_PROBABILITY = 0.3
 CENTRE_RANGE = (0.25, 0.75)  # spot centre, as a fraction of the side
@@ -129,12 +131,18 @@ def generate(
     return Sample(image=pixels, label=label, mask=mask, centre=centre, hair=hair_drawn)
 
 
-def generate_batch(n: int, *, seed: int, size: int = 128) -> Batch:
-    """Draw `n` images balanced over LABELS (counts differ by at most one); the same per seed."""
+def generate_batch(n: int, *, seed: int, size: int = 128, classes: Sequence[int] | None = None) -> Batch:
+    """Draw `n` images balanced over `classes` (default all LABELS), the same for the same seed.
+
+    Class counts differ by at most one; the order is shuffled.
+    """
     if n < 0:
         raise ValueError(f"expected a non-negative image count, found {n}")
+    class_indices = np.arange(len(LABELS)) if classes is None else np.asarray(classes, dtype=np.int64)
+    if class_indices.size == 0 or not np.all((class_indices >= 0) & (class_indices < len(LABELS))):
+        raise ValueError(f"expected class indices in [0, {len(LABELS)}), found {list(class_indices)}")
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % len(LABELS))
+    labels = class_indices[rng.permutation(np.arange(n) % class_indices.size)]
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.empty((n, size, size), dtype=bool)
     for index, label in enumerate(labels):
