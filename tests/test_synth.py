@@ -11,9 +11,16 @@ import pytest
 from PIL import Image
 
 from dermal_fn.demo import synth
-from dermal_fn.demo.synth import LABELS, NO_LESION, Batch, generate, generate_batch, save_folder
-
-SPOT_LABELS = [label for label in range(len(LABELS)) if label != NO_LESION]
+from dermal_fn.demo.synth import (
+    LABELS,
+    NO_LESION,
+    SPOT_CLASSES,
+    Batch,
+    generate,
+    generate_batch,
+    save_folder,
+)
+from dermal_fn.demo.train import peak_on_spot
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,20 @@ def test_generate_batch_is_balanced(n: int) -> None:
     assert max(full) - min(full) <= 1
 
 
+def test_generate_batch_of_chosen_classes_is_balanced_over_them() -> None:
+    spots = generate_batch(31, seed=2, size=64, classes=SPOT_CLASSES)
+    counts = Counter(spots.labels.tolist())
+    assert set(counts) == set(SPOT_CLASSES)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert spots.masks.any(axis=(1, 2)).all()
+
+
+@pytest.mark.parametrize("classes", [[], [len(LABELS)], [-1, 1]])
+def test_generate_batch_rejects_unknown_classes(classes: list[int]) -> None:
+    with pytest.raises(ValueError, match="class"):
+        generate_batch(4, seed=0, size=32, classes=classes)
+
+
 def test_labels_are_shuffled(batch: Batch) -> None:
     assert not np.array_equal(batch.labels, np.sort(batch.labels))
     assert not np.array_equal(batch.labels, np.arange(240) % len(LABELS))
@@ -122,7 +143,7 @@ def test_spot_lies_fully_inside_the_frame(batch: Batch) -> None:
 def test_spot_centre_and_extent_come_from_one_range_for_every_class() -> None:
     size = 128
     rng = np.random.default_rng(21)
-    for label in SPOT_LABELS:
+    for label in SPOT_CLASSES:
         extents = []
         for _ in range(40):
             sample = generate(rng, size=size, label=label)
@@ -199,3 +220,20 @@ def test_save_folder_round_trips_through_pillow(tmp_path: Path, fmt: str, suffix
 def test_save_folder_rejects_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fmt"):
         save_folder(tmp_path, 1, seed=0, fmt="gif")  # type: ignore[arg-type]
+
+
+def test_peak_on_spot_scores_the_peak_cell_against_the_mask() -> None:
+    masks = np.zeros((3, 32, 32), dtype=bool)
+    masks[:, 6:11, 6:11] = True  # pixels 6-10: cells (0, 0), (0, 1), (1, 0), (1, 1) of 8x8 px
+    grids = np.zeros((3, 4, 4), dtype=np.float32)
+    grids[0, 1, 1] = 1.0  # on the spot
+    grids[1, 2, 2] = 1.0  # diagonal neighbour of the spot
+    grids[2, 3, 0] = 1.0  # two cells away
+    assert peak_on_spot(grids, masks).tolist() == [True, False, False]
+    assert peak_on_spot(grids, masks, margin_cells=1).tolist() == [True, True, False]
+    assert peak_on_spot(grids, masks, margin_cells=2).tolist() == [True, True, True]
+
+
+def test_peak_on_spot_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="masks"):
+        peak_on_spot(np.zeros((2, 4, 4)), np.zeros((2, 30, 30), dtype=bool))
