@@ -29,8 +29,11 @@ RESIZE_METHODS: dict[str, Image.Resampling] = {
 DECODABLE = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 24_000_000
 JPEG_PIXEL_FACTOR = 4
+DRAFT_SLACK = 0.95
 # decode at least this large, so the overlay has a useful resolution
 DISPLAY_SIDE = 512
+# decode phone photos at least this large for the overlay (small models still get a readable overlay)
+OVERLAY_MIN_SIDE = 384
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,8 @@ def decode(
 ) -> DecodedImage:
     """Decode bytes to an RGB image, refusing bombs before decoding pixels.
 
-    Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale with ``Image.draft`` (never below ``min_side``
-    on the shorter side); EXIF orientation is applied; any mode becomes 8-bit RGB; animated images
+    Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale with ``Image.draft`` (the shorter side stays
+    at least ``DRAFT_SLACK`` x ``min_side``); EXIF orientation is applied; any mode becomes 8-bit RGB; animated images
     give their first frame.
     """
     kind = sniff(data)
@@ -111,9 +114,9 @@ def decode(
                     f"({width * height / 1e6:.0f} MP)"
                 )
             if kind == "JPEG":
-                scale = max(1, min(width, height) // max(min_side, 1))
-                if scale >= 2:
-                    image.draft("RGB", (width // scale, height // scale))
+                reduction = draft_reduction(width, height, min_side=min_side)
+                if reduction > 1:
+                    image.draft("RGB", (-(-width // reduction), -(-height // reduction)))
             image.load()
             oriented = ImageOps.exif_transpose(image)
             rgb = to_rgb(oriented)
@@ -129,6 +132,20 @@ def decode(
             f"expected a complete {kind} image, found a damaged one ({type(exc).__name__})"
         ) from exc
     return DecodedImage(rgb=rgb, format=kind, original_size=(width, height))
+
+
+def draft_reduction(width: int, height: int, *, min_side: int, slack: float = DRAFT_SLACK) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4 or 8) keeping the shorter side near ``min_side``.
+
+    ``slack`` lets the shorter side fall a little below ``min_side`` (a 4000x3000 photo at 1/8 is
+    500x375 for a 384 px model): decoding at 1/8 instead of 1/4 halves the decode time, and the
+    model's resize barely notices a 2 % upscale.
+    """
+    shorter = min(width, height)
+    for reduction in (8, 4, 2):
+        if shorter / reduction >= slack * min_side:
+            return reduction
+    return 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -266,7 +266,7 @@ class Service:
             t0 = timer()
             decoded = imaging.decode(
                 image_bytes,
-                min_side=max(imaging.DISPLAY_SIDE, *info.input_size),
+                min_side=max(*info.input_size, imaging.OVERLAY_MIN_SIDE),
                 max_pixels=int(self.settings.max_image_megapixels * 1e6),
             )
             pixels = imaging.model_input(
