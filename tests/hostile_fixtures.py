@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
-import socket
 import struct
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +25,7 @@ from PIL import Image
 
 from dermal_fn.config import Settings
 from dermal_fn.demo import synth
+from tests.http_fixtures import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
@@ -295,101 +290,18 @@ def multipart(
 # --- a real functions-framework process ----------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerProcess:
-    """``functions-framework --target=dermal`` on 127.0.0.1, stderr to a file; always stopped."""
-
-    def __init__(self, *, env: Mapping[str, str], log_path: Path, cwd: Path = REPO) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        executable = Path(sys.executable).parent / "functions-framework"
-        full_env = {
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": os.environ.get("HOME", "/tmp"),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                str(executable),
-                "--target=dermal",
-                f"--source={MAIN}",
-                "--host=127.0.0.1",
-                f"--port={self.port}",
-            ],
-            cwd=cwd,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, *, timeout_s: float = 60.0) -> None:
-        """Poll /health until the model is loaded."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.logs()[-2000:]}")
-            try:
-                status, body, _ = self.request("GET", "/health", timeout=2.0)
-                if status == 200 and json.loads(body).get("model_loaded"):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready in {timeout_s} s: {self.logs()[-2000:]}")
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: float = 30.0,
-    ) -> tuple[int, bytes, dict[str, str]]:
-        """One HTTP request: (status, body, headers); error statuses are returned, not raised."""
-        request = urllib.request.Request(
-            self.base_url + path, data=body, method=method, headers=dict(headers or {})
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read(), dict(response.headers)
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.read(), dict(exc.headers)
-
-    def logs(self) -> str:
-        """Everything the process wrote so far."""
-        self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> None:
-        """Terminate (then kill) the process and close its log."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._log.close()
-
-
 @contextmanager
 def running_server(*, env: Mapping[str, str], log_path: Path) -> Iterator[ServerProcess]:
-    """A started, ready server that is stopped on exit whatever happens."""
-    server = ServerProcess(env=env, log_path=log_path)
+    """A started server (tests.http_fixtures.ServerProcess) with its model loaded; always stopped."""
+    server = ServerProcess(env, log_path=log_path, inherit_env=False)
+    server.start()
     try:
-        server.wait_ready()
+        server.wait_ready(path="/health")
+        deadline = time.monotonic() + 60.0
+        while not server.get_json("/health", timeout_s=5.0)[1].get("model_loaded"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expected the model to load within 60 s: {server.log_tail()}")
+            time.sleep(0.1)
         yield server
     finally:
         server.stop()

@@ -474,23 +474,23 @@ def test_burst_of_bombs_and_photos_leaves_the_server_serving(server: hf.ServerPr
     ] * 4
     assert len(uploads) == 24 and len(big_png) < LIMIT_BYTES and len(big_photo) < LIMIT_BYTES
 
-    def post(upload: tuple[bytes, str]) -> tuple[int, bytes, dict[str, str]]:
+    def post(upload: tuple[bytes, str]) -> tuple[int, dict[str, str], bytes]:
         data, content_type = upload
         return server.request(
-            "POST", "/predict", body=data, headers={"Content-Type": content_type}, timeout=60
+            "POST", "/predict", body=data, headers={"Content-Type": content_type}, timeout_s=60
         )
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         futures = [pool.submit(post, upload) for upload in uploads]
         started = time.perf_counter()
-        health_status, health_body, _ = server.request("GET", "/health", timeout=10)
+        health_status, _, health_body = server.request("GET", "/health", timeout_s=10)
         health_s = time.perf_counter() - started
         answers = [future.result(timeout=90) for future in futures]
 
     assert health_status == 200 and json.loads(health_body)["status"] == "ok"
     assert health_s < 10
     codes = []
-    for status, body, headers in answers:
+    for status, headers, body in answers:
         assert status in (200, 400, 503), body[:300]
         payload = json.loads(body)
         if status == 503:
@@ -499,9 +499,9 @@ def test_burst_of_bombs_and_photos_leaves_the_server_serving(server: hf.ServerPr
             assert payload["error"]["code"] == "invalid_image"
         codes.append(status)
     assert 200 in codes
-    status, body, _ = server.request("POST", "/predict", body=JPEG, headers={"Content-Type": "image/jpeg"})
+    status, _, body = server.request("POST", "/predict", body=JPEG, headers={"Content-Type": "image/jpeg"})
     assert status == 200 and json.loads(body)["predictions"]
-    assert server.process.poll() is None
+    assert server.running
 
 
 # --- EXIF orientation and the heatmap (needs the trained demo bundle) -----------------------------

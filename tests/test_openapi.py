@@ -28,12 +28,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hf.ServerProces
     log = tmp_path_factory.mktemp("openapi-server") / "server.log"
     with hf.running_server(env=env, log_path=log) as process:
         yield process
-        assert "Traceback" not in process.logs()
+        assert "Traceback" not in process.log_text()
 
 
 @pytest.fixture(scope="module")
 def api_schema(server: hf.ServerProcess) -> Any:
-    return schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+    return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
 
 
 def test_document_lists_every_route_and_error_code() -> None:
@@ -57,7 +57,7 @@ def test_document_lists_every_route_and_error_code() -> None:
 
 
 def test_document_is_served(server: hf.ServerProcess) -> None:
-    status, body, headers = server.request("GET", "/openapi.json")
+    status, headers, body = server.request("GET", "/openapi.json")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     assert json.loads(body) == json.loads(SPEC_PATH.read_text())
 

@@ -178,7 +178,7 @@ def full_run(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 content_type, _, query = content_type.partition("?")
                 path += "?" + query
             headers = {"Content-Type": content_type} if content_type else {}
-            status, body, _ = server.request("POST", path, body=data, headers=headers)
+            status, _, body = server.request("POST", path, body=data, headers=headers)
             answers.append((name, status, json.loads(body)))
             sent.append(data)
         health_status, _, _ = server.request("GET", "/health")
