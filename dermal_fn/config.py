@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dermal_fn.errors import ConfigError
 from dermal_fn.memory import available_cpus, cgroup_memory_limit_mb
+from model_fetch.digest import normalize_sha256
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_BUNDLE = PACKAGE_DIR / "models" / "synthetic_demo.dermal"
@@ -75,11 +76,12 @@ class Settings:
                 raise ConfigError(f"expected {name} >= {minimum:g}, found {raw!r}")
             return value
 
-        sha = get("MODEL_SHA256")
-        if sha is not None:
-            sha = sha.lower()
-            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-                raise ConfigError(f"expected MODEL_SHA256 to be 64 hex digits, found {sha!r}")
+        try:
+            sha = normalize_sha256(get("MODEL_SHA256"))
+        except ValueError:
+            raise ConfigError(
+                f"expected MODEL_SHA256 to be 64 hex digits, found {get('MODEL_SHA256')!r}"
+            ) from None
         limit = number("MEMORY_LIMIT_MB", None, minimum=1.0)
         if limit is None:
             limit = cgroup_memory_limit_mb()

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from dermal_fn import bundle as bundle_format
-from dermal_fn.errors import BundleError, InvalidOption
+from dermal_fn.errors import BundleError
 from dermal_fn.gradcam import grad_cam
 from dermal_fn.head import Head, Score
 from dermal_fn.imaging import InputScale
+from dermal_fn.options import class_index
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +78,9 @@ class Engine:
 
     def resolve_class(self, value: int | str | None, probabilities: np.ndarray) -> int:
         """A class given as index or label (None: the most probable) as an index."""
-        labels = self.info.labels
         if value is None:
             return int(np.argmax(probabilities))
-        if isinstance(value, str) and not value.lstrip("-").isdigit():
-            if value not in labels:
-                raise InvalidOption(
-                    f"expected class to be an index 0..{len(labels) - 1} or one of {list(labels)}, found {value!r}"
-                )
-            return labels.index(value)
-        index = int(value)
-        if not 0 <= index < len(labels):
-            raise InvalidOption(f"expected class index 0..{len(labels) - 1}, found {index}")
-        return index
+        return class_index(value, self.info.labels)
 
     def run(
         self,
@@ -163,13 +154,13 @@ class LiteRTEngine(Engine):
                 f"expected backbone output {manifest.feature_map_shape}, found {tuple(out['shape'][1:])}"
             )
         self._output_shape = tuple(int(d) for d in out["shape"])
+        self._output_size = int(np.prod(self._output_shape))
 
     def feature_map(self, pixels: np.ndarray) -> np.ndarray:
         with self._lock:
             self._inputs[0].write(np.ascontiguousarray(pixels, dtype=np.float32))
             self._model.run_by_index(0, self._inputs, self._outputs)
-            size = int(np.prod(self._output_shape))
-            return self._outputs[0].read(size, np.float32).reshape(self._output_shape)
+            return self._outputs[0].read(self._output_size, np.float32).reshape(self._output_shape)
 
     def close(self) -> None:
         with self._lock:

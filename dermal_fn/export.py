@@ -137,11 +137,9 @@ def _calibration_input(
 ) -> tuple[str | None, np.ndarray | None]:
     """(None, model input) for a usable calibration image, else (the reason, None)."""
     from dermal_fn.errors import InvalidImage, UnsupportedMediaType
-    from dermal_fn.imaging import decode, model_input, sniff
+    from dermal_fn.imaging import decode, model_input
 
     try:
-        with open(path, "rb") as f:
-            sniff(f.read(64))  # refuse a non-image from its header, before reading all of it
         decoded = decode(path.read_bytes(), min_side=max(size))
     except UnsupportedMediaType:
         return "files of an unsupported image type", None

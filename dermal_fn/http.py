@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import io
 import json
@@ -24,7 +25,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from werkzeug.formparser import FormDataParser
 
 from dermal_fn import errors
-from dermal_fn.options import PredictOptions
+from dermal_fn.options import OPTION_NAMES, PredictOptions
 from dermal_fn.service import Service, get_service
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ IMAGE_TYPES_HINT = (
 # what a client-chosen name or id must look like to be echoed in a message, header or log
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-PUBLIC_ROUTES = frozenset({"/health", "/", "/openapi.json"})
 ROUTES: dict[str, tuple[str, ...]] = {
     "/": ("GET", "HEAD", "POST"),
     "/predict": ("POST",),
@@ -129,9 +129,7 @@ def _memory_stream(*args: Any, **kwargs: Any) -> io.BytesIO:
 
 def parse_upload(request: flask.Request, *, limit: int) -> tuple[bytes, dict[str, Any]]:
     """The image bytes and the options (query, then form fields or JSON keys) of a predict request."""
-    options: dict[str, Any] = {
-        k: v for k, v in request.args.items() if k in ("top_k", "class", "score", "gradcam")
-    }
+    options: dict[str, Any] = {k: v for k, v in request.args.items() if k in OPTION_NAMES}
     mimetype = (request.mimetype or "").lower()
     body = read_body(request, limit=limit)
     if mimetype == "multipart/form-data":
@@ -149,13 +147,8 @@ def parse_upload(request: flask.Request, *, limit: int) -> tuple[bytes, dict[str
             raise errors.InvalidRequest(
                 f"expected a well-formed multipart/form-data body, found: {_describe(exc)}"
             ) from exc
-        options.update({k: v for k, v in form.items() if k in ("top_k", "class", "score", "gradcam")})
-        image = _multipart_image(form, files)
-        if not body or (not files and not form):
-            raise errors.InvalidRequest(
-                "expected a multipart/form-data body with a file field 'image', found no parts"
-            )
-        return image, options
+        options.update({k: v for k, v in form.items() if k in OPTION_NAMES})
+        return _multipart_image(form, files), options
     if mimetype == "application/json":
         return _json_image(body, options)
     if mimetype.startswith("image/") or mimetype in ("application/octet-stream", ""):
@@ -210,7 +203,7 @@ def _json_image(body: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, 
         raise errors.InvalidRequest(
             'expected a non-empty string "image_base64" in the JSON object, found none'
         )
-    options.update({k: data[k] for k in ("top_k", "class", "score", "gradcam") if k in data})
+    options.update({k: data[k] for k in OPTION_NAMES if k in data})
     text = encoded.strip()
     if text.startswith("data:"):
         _, _, text = text.partition(",")
@@ -287,10 +280,15 @@ def memory_route(service: Service) -> flask.Response:
     )
 
 
+@functools.cache
+def _static_text(name: str) -> str:
+    """A file of dermal_fn/static, read once per process."""
+    return resources.files("dermal_fn").joinpath("static", name).read_text(encoding="utf-8")
+
+
 def page() -> flask.Response:
     """The upload page."""
-    html = resources.files("dermal_fn").joinpath("static/index.html").read_text(encoding="utf-8")
-    response = flask.Response(html, mimetype="text/html")
+    response = flask.Response(_static_text("index.html"), mimetype="text/html")
     response.headers["Content-Security-Policy"] = (
         "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
         "script-src 'self' 'unsafe-inline'; connect-src 'self'"
@@ -300,8 +298,7 @@ def page() -> flask.Response:
 
 def openapi() -> flask.Response:
     """The OpenAPI description of this API."""
-    text = resources.files("dermal_fn").joinpath("static/openapi.json").read_text(encoding="utf-8")
-    return flask.Response(text, mimetype="application/json")
+    return flask.Response(_static_text("openapi.json"), mimetype="application/json")
 
 
 def predict(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:

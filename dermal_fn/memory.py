@@ -81,11 +81,7 @@ def cgroup_dirs(
     dirs.append(root)
     dirs.append(root / "unified")
     dirs.extend(root / mount for mount in mounts)
-    unique: list[Path] = []
-    for folder in dirs:
-        if folder not in unique:
-            unique.append(folder)
-    return unique
+    return list(dict.fromkeys(dirs))  # nearest first, each folder once
 
 
 def _read(path: Path) -> str | None:

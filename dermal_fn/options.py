@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ from dermal_fn.errors import ConfigError, InvalidOption
 from dermal_fn.head import SCORES, Score
 
 DEFAULT_TOP_K = 3
-KNOWN = ("top_k", "class", "score", "gradcam")
+OPTION_NAMES = ("top_k", "class", "score", "gradcam")
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,30 @@ class PredictOptions:
         return cls(top_k=top_k, class_=class_, score=score, gradcam=gradcam)
 
     def checked(self, labels: tuple[str, ...]) -> PredictOptions:
-        """Check top_k and class against the model's labels."""
+        """Check top_k and class against the model's labels (class becomes an index)."""
         n = len(labels)
         if self.top_k > n:
             raise InvalidOption(
                 f"expected top_k between 1 and {n} (the model has {n} classes), found {self.top_k}"
             )
-        if isinstance(self.class_, int) and not 0 <= self.class_ < n:
-            raise InvalidOption(f"expected class index 0..{n - 1}, found {self.class_}")
-        if isinstance(self.class_, str) and self.class_ not in labels:
+        if self.class_ is None:
+            return self
+        return dataclasses.replace(self, class_=class_index(self.class_, labels))
+
+
+def class_index(value: int | str, labels: tuple[str, ...]) -> int:
+    """A class given as an index or a label, as an index; InvalidOption when it names no class."""
+    n = len(labels)
+    if isinstance(value, str) and not _is_int(value):
+        if value not in labels:
             raise InvalidOption(
-                f"expected class to be an index 0..{n - 1} or one of {list(labels)}, found {_show(self.class_)}"
+                f"expected class to be an index 0..{n - 1} or one of {list(labels)}, found {_show(value)}"
             )
-        return self
+        return labels.index(value)
+    index = int(value)
+    if not 0 <= index < n:
+        raise InvalidOption(f"expected class index 0..{n - 1}, found {index}")
+    return index
 
 
 def _is_int(value: Any) -> bool:
