@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import functions_framework
 
-from dermal_fn.logs import setup_logging
+from dermal_fn.serving.logs import setup_logging
 
 if TYPE_CHECKING:
     import flask
@@ -22,6 +22,6 @@ setup_logging()
 @functions_framework.http
 def dermal(request: flask.Request) -> flask.Response:
     """Predict with Grad-CAM (POST /predict), /health, /memory and the upload page (GET /)."""
-    from dermal_fn.http import handle
+    from dermal_fn.serving.http import handle
 
     return handle(request)

@@ -21,8 +21,8 @@ def time_invoke(
     """Median and p95 of ``invoke()`` in ms over up to ``runs`` runs (after 2 warm-up runs)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from dermal_fn import bundle as bundle_format
-    from dermal_fn import imaging
+    from dermal_fn.core import bundle as bundle_format
+    from dermal_fn.core import imaging
 
     manifest = bundle_format.read(bundle).manifest
     decoded = imaging.decode(photo.read_bytes(), min_side=max(imaging.DISPLAY_SIDE, *manifest.input_size))

@@ -37,7 +37,7 @@ from bench.load import run_load
 from bench.plot import rss_plot
 from bench.procs import TreeMemory
 from bench.server import REPO, Server, ServerFailed
-from dermal_fn.memory import available_cpus
+from dermal_fn.serving.memory import available_cpus
 
 logger = logging.getLogger("bench")
 

@@ -20,8 +20,8 @@ def predict_skin_with_explanation(
     Grad-CAM is disabled (argument, else ``ENABLE_GRADCAM``) or skipped under memory pressure.
     Uses the process's model (``MODEL_URI``), loaded on first use.
     """
-    from dermal_fn.options import PredictOptions
-    from dermal_fn.service import get_service
+    from dermal_fn.serving.options import PredictOptions
+    from dermal_fn.serving.service import get_service
 
     service = get_service()
     labels = service.holder.get().info.labels

@@ -18,7 +18,7 @@
     └── ExportError               a Keras model cannot be exported faithfully
         └── UnsupportedLayer      the head holds a layer the NumPy head cannot differentiate
 
-The HTTP layer (dermal_fn.http) maps each class to a status and an error code in one table.
+The HTTP layer (dermal_fn.serving.http) maps each class to a status and an error code in one table.
 Messages say what was expected and what was found; they never contain image bytes.
 """
 

@@ -1,54 +1,133 @@
-"""Shared fixtures: a tiny seeded Keras classifier and its bundle, built once per test session."""
+"""Every shared fixture of the tests, in one place.
+
+- Models: ``tiny_model`` / ``test_bundle`` (64 px, three labels) and ``small_bundle`` (48 px, the
+  synthetic generator's four labels, nested backbone): committed in ``tests/data`` by the one
+  builder, ``tests/models.py``, so serving tests need no TensorFlow.
+- Servers: ``server_factory`` (real ``functions-framework`` processes, all stopped at teardown),
+  ``dermal_app`` (``functions_framework.create_app`` for a test client) and ``configure`` (set
+  environment variables, reset the service singleton).
+- Storage: ``fake_gcs`` (the session's fake-gcs-server, with ``STORAGE_EMULATOR_HOST`` set) and
+  ``fresh_fake_gcs`` (an emulator of the test's own, free to stop and restart).
+
+Tests that need TensorFlow carry the marker ``tensorflow``; ``pytest -m "not tensorflow"`` runs the
+rest in ``requirements-test.txt``'s environment.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import flask
 import pytest
+
+from tests.gcs_emulator import FakeGCS, shared_fake_gcs
+from tests.http_fixtures import REPO_ROOT, SCRUBBED, ServerProcess
+from tests.models import SMALL, TINY, TinyModel, committed
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-TINY_LABELS = ("round_uniform_spot", "irregular_multicolour_spot", "no_lesion")
-TINY_SIZE = 64
 
-
-@dataclass(frozen=True)
-class TinyModel:
-    """A small untrained-but-seeded CNN classifier: its .keras file, its bundle and labels."""
-
-    keras_path: Path
-    bundle_path: Path
-    labels: tuple[str, ...]
-    size: int
-
-
-def build_tiny_model(folder: Path, *, seed: int = 0, size: int = TINY_SIZE) -> TinyModel:
-    """Build, save and export a seeded tiny classifier (about two seconds on CPU)."""
-    import keras
-
-    from dermal_fn.export import export_keras
-
-    keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    inputs = keras.Input((size, size, 3))
-    x = layers.Rescaling(1 / 255.0)(inputs)
-    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
-    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="top_activation")(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(0.2)(x)
-    outputs = layers.Dense(len(TINY_LABELS), activation="softmax")(x)
-    model = keras.Model(inputs, outputs)
-    folder.mkdir(parents=True, exist_ok=True)
-    keras_path = folder / "tiny.keras"
-    model.save(keras_path)
-    bundle_path = folder / "tiny.dermal"
-    export_keras(keras_path, bundle_path, labels=TINY_LABELS, name="tiny-test-model")
-    return TinyModel(keras_path=keras_path, bundle_path=bundle_path, labels=TINY_LABELS, size=size)
+# --- models ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    """A tiny exported classifier shared by the whole session."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+def tiny_model() -> TinyModel:
+    """The committed tiny classifier (64 px, three labels): Keras file and bundle."""
+    return committed(TINY)
+
+
+@pytest.fixture(scope="session")
+def test_bundle(tiny_model: TinyModel) -> Path:
+    """The committed tiny bundle."""
+    return tiny_model.bundle_path
+
+
+@pytest.fixture(scope="session")
+def small_bundle() -> Path:
+    """The committed 48 px four-label bundle (synthetic labels, nested backbone)."""
+    return committed(SMALL).bundle_path
+
+
+# --- servers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start function servers: ``server_factory(env, wait="/health" | "/memory" | None)``; all stopped at teardown.
+
+    Each server's log is ``tmp_path/server-N.log``; on failure it is in the pytest report via the
+    assertion messages that print ``server.log_tail()``.
+    """
+    servers: list[ServerProcess] = []
+
+    def start(
+        env: Mapping[str, str], *, wait: str | None = "/memory", timeout_s: float = 60.0
+    ) -> ServerProcess:
+        server = ServerProcess(env, log_path=tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        server.start()
+        if wait is not None:
+            server.wait_ready(path=wait, timeout_s=timeout_s)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def dermal_app() -> flask.Flask:
+    """The function as functions-framework serves it: ``create_app(target="dermal", source=main.py)``."""
+    import functions_framework
+
+    app: flask.Flask = functions_framework.create_app(target="dermal", source=str(REPO_ROOT / "main.py"))
+    return app
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """``configure(MODEL_URI=..., ENABLE_GRADCAM="false", ...)``: set env vars, reset the service singleton.
+
+    Every variable of the contract not given is removed, so tests do not leak settings into each
+    other; the singleton is reset again at teardown.
+    """
+    from dermal_fn.serving.service import reset_service
+
+    def apply(**env: str) -> None:
+        for name in SCRUBBED:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        reset_service()
+
+    try:
+        yield apply
+    finally:
+        reset_service()
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gcs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
+    """The session's shared emulator, running, with STORAGE_EMULATOR_HOST pointing at it."""
+    server = shared_fake_gcs(request)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    return server
+
+
+@pytest.fixture
+def fresh_fake_gcs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGCS]:
+    """An emulator of this test's own (free to stop and restart), with STORAGE_EMULATOR_HOST."""
+    server = FakeGCS(workdir=tmp_path / "fake-gcs")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    try:
+        yield server
+    finally:
+        server.close()

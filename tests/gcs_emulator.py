@@ -5,16 +5,8 @@
 data) and its output in ``log_path``. The process is stopped by ``stop()``/``close()``, at exit,
 and on Linux also by the kernel if the Python process dies (PR_SET_DEATHSIG): no orphans.
 
-Fixtures (needing only pytest's own fixtures, so each can be imported alone):
-
-- ``fake_gcs``: the pytest session's shared emulator, running, with ``STORAGE_EMULATOR_HOST``
-  set for the test. Tests share it: give each its own bucket (``fake_gcs.create_bucket()``).
-- ``fresh_fake_gcs``: an emulator of the test's own, free to ``stop()`` and ``restart()``.
-
-Register them for every test with ``pytest_plugins = ["tests.gcs_emulator"]`` in
-tests/conftest.py, or in one module with ``fake_gcs = gcs_emulator.fake_gcs`` (a plain
-``from tests.gcs_emulator import fake_gcs`` works too, but ruff reports F811 on the tests that
-take it as an argument).
+``shared_fake_gcs`` gives the pytest session's one emulator (started on first use, closed at the
+end); the fixtures ``fake_gcs`` and ``fresh_fake_gcs`` built on it are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -33,7 +25,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -267,23 +259,3 @@ def shared_fake_gcs(request: pytest.FixtureRequest) -> FakeGCS:
     if not server.running:
         server.start()
     return server
-
-
-@pytest.fixture
-def fake_gcs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
-    """The session's shared emulator, running, with STORAGE_EMULATOR_HOST pointing at it."""
-    server = shared_fake_gcs(request)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
-    return server
-
-
-@pytest.fixture
-def fresh_fake_gcs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGCS]:
-    """An emulator of this test's own (free to stop and restart), with STORAGE_EMULATOR_HOST."""
-    server = FakeGCS(workdir=tmp_path / "fake-gcs")
-    server.start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
-    try:
-        yield server
-    finally:
-        server.close()

@@ -1,6 +1,6 @@
 """Helpers for the hostile-input, privacy, access, OpenAPI and fuzz tests (issue 7).
 
-- a tiny seeded Keras model exported to a bundle, once per test session (``session_bundle``);
+- ``settings_for``: Settings for a test service on a bundle (conftest's ``small_bundle``);
 - image makers for odd-but-valid and hostile uploads, all in memory;
 - ``client_for``: the real function through ``functions_framework.create_app(...).test_client()``;
 - ``ServerProcess``: a real ``functions-framework`` process on a free 127.0.0.1 port, stderr captured.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import struct
 import time
 import zlib
@@ -20,60 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from dermal_fn.config import Settings
 from dermal_fn.demo import synth
+from dermal_fn.serving.config import Settings
 from tests.http_fixtures import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
-DEMO_BUNDLE = REPO / "dermal_fn" / "models" / "synthetic_demo.dermal"
-INPUT_SIDE = 48
-
-_BUNDLE: Path | None = None
-
-
-# --- model ---------------------------------------------------------------------------------------
-
-
-def session_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny seeded 4-class bundle (synth.LABELS), built once per test session (~2 s after TF import)."""
-    global _BUNDLE
-    if _BUNDLE is not None and _BUNDLE.is_file():
-        return _BUNDLE
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    from dermal_fn.export import export_keras
-
-    directory = tmp_path_factory.mktemp("hostile-model")
-    keras.utils.set_random_seed(7)
-    inner = keras.Sequential(
-        [
-            keras.Input((INPUT_SIDE, INPUT_SIDE, 3)),
-            keras.layers.Rescaling(1 / 255.0),
-            keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-            keras.layers.Conv2D(16, 3, strides=2, name="c2"),
-            keras.layers.Activation("swish", name="top_activation"),
-        ],
-        name="inner",
-    )
-    model = keras.Sequential(
-        [
-            keras.Input((INPUT_SIDE, INPUT_SIDE, 3)),
-            inner,
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(len(synth.LABELS), activation="softmax"),
-        ]
-    )
-    keras_path = directory / "tiny.keras"
-    model.save(keras_path)
-    bundle = directory / "tiny.dermal"
-    export_keras(keras_path, bundle, labels=list(synth.LABELS), verify_inputs=2)
-    _BUNDLE = bundle
-    return bundle
 
 
 def settings_for(bundle: Path, **overrides: Any) -> Settings:
@@ -94,7 +47,7 @@ def client_for(settings: Settings) -> Iterator[Any]:
     """The real function (main.py) in a test client, with the process's service set to ``settings``."""
     import functions_framework
 
-    from dermal_fn.service import reset_service
+    from dermal_fn.serving.service import reset_service
 
     reset_service(settings)
     try:

@@ -7,16 +7,10 @@
   127.0.0.1 on a free port, stderr (the JSON log lines) collected to a file. ``stop()`` kills the
   whole group (gunicorn master and worker); ``logs()`` parses the JSON lines; ``rss_mb()`` and
   ``peak_rss_mb()`` sum RSS / VmHWM over the group's processes from /proc.
-- Fixtures (import them into a test module): ``test_bundle`` (the session's tiny model bundle,
-  from tests/conftest.py's ``tiny_model``), ``server_factory`` (start servers, all stopped at
-  teardown), ``dermal_app`` (``functions_framework.create_app(target="dermal", source=main.py)``)
-  and ``configure`` (set environment variables and reset the service singleton for this test).
+- ``SCRUBBED``: the variables a test server never inherits from the test process.
 
-    from tests.http_fixtures import configure, dermal_app, server_factory, test_bundle
-
-    def test_something(server_factory, test_bundle):
-        server = server_factory({"MODEL_URI": str(test_bundle)})
-        status, body = server.post_image("/predict", jpeg_bytes())
+The fixtures built on these (``server_factory``, ``dermal_app``, ``configure``) are in
+``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -35,13 +29,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import flask
 import numpy as np
-import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +42,7 @@ START_COMMAND = "functions-framework --target=dermal --source=main.py --port=$PO
 HOST = "127.0.0.1"
 _PR_SET_DEATHSIG = 1
 # environment variables a test server never inherits from the test process (they would change it)
-_SCRUBBED = (
+SCRUBBED = (
     "MODEL_URI",
     "MODEL_SHA256",
     "MODEL_CACHE_DIR",
@@ -141,7 +133,7 @@ class ServerProcess:
         self.port = port if port is not None else free_port()
         self.log_path = Path(log_path)
         base = dict(os.environ) if inherit_env else {}
-        for name in _SCRUBBED:
+        for name in SCRUBBED:
             base.pop(name, None)
         self.env = {
             **base,
@@ -322,70 +314,3 @@ def _status_kib(pid: int, field: str) -> int:
     except OSError:
         return 0
     return 0
-
-
-# --- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def test_bundle(tiny_model: Any) -> Path:
-    """The session's tiny model bundle (tests/conftest.py's ``tiny_model``)."""
-    path: Path = tiny_model.bundle_path
-    return path
-
-
-@pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start function servers: ``server_factory(env, wait="/health" | "/memory" | None)``; all stopped at teardown.
-
-    Each server's log is ``tmp_path/server-N.log``; on failure it is in the pytest report via the
-    assertion messages that print ``server.log_tail()``.
-    """
-    servers: list[ServerProcess] = []
-
-    def start(
-        env: Mapping[str, str], *, wait: str | None = "/memory", timeout_s: float = 60.0
-    ) -> ServerProcess:
-        server = ServerProcess(env, log_path=tmp_path / f"server-{len(servers)}.log")
-        servers.append(server)
-        server.start()
-        if wait is not None:
-            server.wait_ready(path=wait, timeout_s=timeout_s)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.stop()
-
-
-@pytest.fixture(scope="module")
-def dermal_app() -> flask.Flask:
-    """The function as functions-framework serves it: ``create_app(target="dermal", source=main.py)``."""
-    import functions_framework
-
-    app: flask.Flask = functions_framework.create_app(target="dermal", source=str(REPO_ROOT / "main.py"))
-    return app
-
-
-@pytest.fixture
-def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """``configure(MODEL_URI=..., ENABLE_GRADCAM="false", ...)``: set env vars, reset the service singleton.
-
-    Every variable of the contract not given is removed, so tests do not leak settings into each
-    other; the singleton is reset again at teardown.
-    """
-    from dermal_fn.service import reset_service
-
-    def apply(**env: str) -> None:
-        for name in _SCRUBBED:
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        reset_service()
-
-    try:
-        yield apply
-    finally:
-        reset_service()

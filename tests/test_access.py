@@ -14,26 +14,21 @@ KEY = "s3cret-key-for-tests"
 JPEG = hf.jpeg(size=64)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return hf.session_bundle(tmp_path_factory)
-
-
 @pytest.fixture
-def keyed(bundle: Path) -> Iterator[Any]:
-    with hf.client_for(hf.settings_for(bundle, api_key=KEY)) as client:
+def keyed(small_bundle: Path) -> Iterator[Any]:
+    with hf.client_for(hf.settings_for(small_bundle, api_key=KEY)) as client:
         yield client
 
 
 @pytest.fixture
-def open_client(bundle: Path) -> Iterator[Any]:
-    with hf.client_for(hf.settings_for(bundle)) as client:
+def open_client(small_bundle: Path) -> Iterator[Any]:
+    with hf.client_for(hf.settings_for(small_bundle)) as client:
         yield client
 
 
 @pytest.fixture
-def cors_client(bundle: Path) -> Iterator[Any]:
-    settings = hf.settings_for(bundle, cors_origins=("https://clinic.example",), api_key=KEY)
+def cors_client(small_bundle: Path) -> Iterator[Any]:
+    settings = hf.settings_for(small_bundle, cors_origins=("https://clinic.example",), api_key=KEY)
     with hf.client_for(settings) as client:
         yield client
 
@@ -156,7 +151,7 @@ def test_cors_errors_carry_the_headers_too(cors_client: Any) -> None:
     assert response.headers["Access-Control-Allow-Origin"] == "https://clinic.example"
 
 
-def test_cors_wildcard(bundle: Path) -> None:
-    with hf.client_for(hf.settings_for(bundle, cors_origins=("*",))) as client:
+def test_cors_wildcard(small_bundle: Path) -> None:
+    with hf.client_for(hf.settings_for(small_bundle, cors_origins=("*",))) as client:
         response = client.get("/health", headers={"Origin": "https://anywhere.example"})
         assert response.headers["Access-Control-Allow-Origin"] == "*"

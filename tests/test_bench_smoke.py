@@ -30,6 +30,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     return completed.returncode, out
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_quick_run_measures_a_real_server(quick_run: tuple[int, Path]) -> None:
     _, out = quick_run
@@ -55,6 +56,7 @@ def test_quick_run_measures_a_real_server(quick_run: tuple[int, Path]) -> None:
     assert times == sorted(times) and len(times) > 10
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_quick_run_uses_a_real_cgroup_or_says_why(quick_run: tuple[int, Path]) -> None:
     _, out = quick_run
@@ -71,6 +73,7 @@ def test_quick_run_uses_a_real_cgroup_or_says_why(quick_run: tuple[int, Path]) -
     assert not Path(run["cgroup"]).exists()  # removed afterwards
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_quick_run_writes_report_and_plot(quick_run: tuple[int, Path]) -> None:
     _, out = quick_run

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dermal_fn import memory
-from dermal_fn.config import DEMO_BUNDLE, Settings
 from dermal_fn.errors import ConfigError, ModelUnavailable
-from dermal_fn.service import ModelHolder, Service, get_service, reset_service
+from dermal_fn.models import DEMO_BUNDLE
+from dermal_fn.serving import memory
+from dermal_fn.serving.config import Settings
+from dermal_fn.serving.service import ModelHolder, Service, get_service, reset_service
 
 MIB = 1024 * 1024
 
@@ -257,3 +258,48 @@ def test_service_memory_status_without_a_container_limit() -> None:
     assert status["limit_source"] == "host"
     assert status["limit_mb"] == pytest.approx(memory.host_memory_mb(), abs=0.1)
     assert status["soft_limit_mb"] is None
+
+
+# --- the field table, the README, the demo on a platform ----------------------------------------------
+
+
+def test_every_setting_is_one_row_of_the_readme_table() -> None:
+    from dermal_fn.serving.config import markdown_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"RENDER": "true"}, "render"),
+        ({"K_SERVICE": "dermal"}, "cloud-run"),
+        ({"RENDER": " "}, None),
+    ],
+)
+def test_platform_is_read_from_what_the_platform_sets(env: dict[str, str], expected: str | None) -> None:
+    assert Settings.from_env(env).platform == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [
+        ({}, False),  # make serve: the demo, on purpose
+        ({"RENDER": "true"}, True),  # a Render deploy with MODEL_URI left empty
+        ({"K_SERVICE": "dermal"}, True),
+        ({"RENDER": "true", "ALLOW_DEMO_MODEL": "true"}, False),
+        ({"RENDER": "true", "MODEL_URI": "gs://bucket/model.dermal"}, False),
+    ],
+)
+def test_the_demo_is_served_on_a_platform_only_on_purpose(env: dict[str, str], refused: bool) -> None:
+    assert Settings.from_env(env).demo_refused is refused
+
+
+def test_a_refused_demo_is_model_unavailable_with_the_fix_in_the_message() -> None:
+    holder = ModelHolder(Settings.from_env({"RENDER": "true"}))
+    with pytest.raises(ModelUnavailable, match="ALLOW_DEMO_MODEL=true"):
+        holder.get()
+    assert holder.state == "error"
+    assert ModelHolder(Settings.from_env({"RENDER": "true", "ALLOW_DEMO_MODEL": "1"})).get().info.labels

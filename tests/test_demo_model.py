@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermal_fn import imaging
-from dermal_fn.bundle import read
-from dermal_fn.config import DEMO_BUNDLE, Settings
+from dermal_fn.core import imaging
+from dermal_fn.core.bundle import read
+from dermal_fn.core.engine import LiteRTEngine
 from dermal_fn.demo import synth
-from dermal_fn.engine import LiteRTEngine
+from dermal_fn.models import DEMO_BUNDLE
+from dermal_fn.serving.config import Settings
 
 POINTING_SEED = 2026
 N_IMAGES = 200

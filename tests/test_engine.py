@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermal_fn import bundle as bundle_format
-from dermal_fn import imaging
-from dermal_fn.engine import LiteRTEngine, load_engine
+from dermal_fn.core import bundle as bundle_format
+from dermal_fn.core import imaging
+from dermal_fn.core.engine import LiteRTEngine
 from dermal_fn.errors import BundleError
+from dermal_fn.serving.engines import load_engine
+from dermal_fn.serving.options import PredictOptions
 from tests.conftest import TinyModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,13 +50,17 @@ def test_grid_invariants_and_input_not_mutated(tiny_model: TinyModel) -> None:
 
 
 def test_class_by_label_and_index_agree(tiny_model: TinyModel) -> None:
+    """Labels are resolved once, by the options; the engine takes the index."""
     engine = LiteRTEngine(tiny_model.bundle_path, sha256="x")
     pixels = np.full((1, tiny_model.size, tiny_model.size, 3), 120.0, dtype=np.float32)
     by_index = engine.run(pixels, class_index=1)
-    by_label = engine.run(pixels, class_index=tiny_model.labels[1])
+    checked = PredictOptions(class_=tiny_model.labels[1]).checked(tiny_model.labels)
+    by_label = engine.run(pixels, class_index=checked.class_index)
     assert by_index.class_index == by_label.class_index == 1
     assert by_index.grid is not None and by_label.grid is not None
     np.testing.assert_array_equal(by_index.grid, by_label.grid)
+    with pytest.raises(ValueError, match="expected a class index"):
+        engine.run(pixels, class_index=len(tiny_model.labels))
 
 
 def test_gradcam_off_skips_the_grid(tiny_model: TinyModel) -> None:
@@ -68,10 +74,10 @@ def test_memory_is_flat_over_100_predictions(tiny_model: TinyModel) -> None:
     script = textwrap.dedent(
         f"""
         import json, dataclasses
-        from dermal_fn.config import Settings
-        from dermal_fn.options import PredictOptions
-        from dermal_fn.service import Service
-        from dermal_fn.memory import rss_mb
+        from dermal_fn.serving.config import Settings
+        from dermal_fn.serving.options import PredictOptions
+        from dermal_fn.serving.service import Service
+        from dermal_fn.serving.memory import rss_mb
         from tests.test_engine import jpeg_bytes
         service = Service(dataclasses.replace(Settings(), model_uri={str(tiny_model.bundle_path)!r}, memory_soft_limit_mb=None))
         images = [jpeg_bytes((640, 480), seed=i) for i in range(5)]

@@ -16,11 +16,9 @@ from typing import Any
 
 import pytest
 
-from dermal_fn import memory
-from tests.gcs_emulator import FakeGCS, fake_gcs, fresh_fake_gcs
-from tests.http_fixtures import ServerProcess, jpeg_bytes, server_factory, test_bundle
-
-__all__ = ["fake_gcs", "fresh_fake_gcs", "server_factory", "test_bundle"]  # fixtures
+from dermal_fn.serving import memory
+from tests.gcs_emulator import FakeGCS
+from tests.http_fixtures import ServerProcess, jpeg_bytes
 
 OBJECT = "models/skin.dermal"
 JPEG = jpeg_bytes(width=160, height=120, seed=5)
@@ -78,7 +76,7 @@ def test_eight_concurrent_first_requests_download_once(
     assert len({str(body["predictions"]) for _, body in answers}) == 1  # one interpreter, same answer
     assert emulator_downloads(fake_gcs, bucket) == 1
     assert len(records(server, logger="model_fetch.gcs", message_prefix="downloaded ")) == 1
-    loaded = records(server, logger="dermal_fn.service", message_prefix="model loaded")
+    loaded = records(server, logger="dermal_fn.serving.service", message_prefix="model loaded")
     assert len(loaded) == 1
     assert loaded[0]["downloaded"] is True
     assert loaded[0]["source"] == f"gs://{bucket}/{OBJECT}"
@@ -102,7 +100,7 @@ def test_first_health_warms_the_instance(
 
     wait_until(loaded, timeout_s=30, what="the model to load after the first /health")
     assert emulator_downloads(fake_gcs, bucket) == 1
-    assert records(server, logger="dermal_fn.http", message_prefix="request")[0]["route"] == "/health"
+    assert records(server, logger="dermal_fn.serving.http", message_prefix="request")[0]["route"] == "/health"
     assert not [r for r in server.logs() if r.get("route") == "/predict"]
 
 
@@ -196,7 +194,7 @@ def test_restarted_server_reuses_the_cached_download(
     second = server_factory(env)
     assert second.post_image("/predict", JPEG)[0] == 200
     assert emulator_downloads(fake_gcs, bucket) == 1
-    (loaded,) = records(second, logger="dermal_fn.service", message_prefix="model loaded")
+    (loaded,) = records(second, logger="dermal_fn.serving.service", message_prefix="model loaded")
     assert loaded["downloaded"] is False
 
 
@@ -230,7 +228,7 @@ def test_model_loads_in_the_worker_not_the_master(
     env = {"MODEL_URI": str(test_bundle)} | ({"LITERT_THREADS": threads} if threads else {})
     server = server_factory(env, wait=path)
     assert server.post_image("/predict", JPEG)[0] == 200
-    (loaded,) = records(server, logger="dermal_fn.service", message_prefix="model loaded")
+    (loaded,) = records(server, logger="dermal_fn.serving.service", message_prefix="model loaded")
     assert loaded["threads"] == (int(threads) if threads else memory.available_cpus())
     master = server.process.pid if server.process is not None else -1
     workers = [pid for pid in server.pids() if pid != master]

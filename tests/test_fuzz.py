@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dermal_fn import imaging
+from dermal_fn.core import imaging
 from dermal_fn.errors import InvalidImage, UnsupportedMediaType
 from tests import hostile_fixtures as hf
 
@@ -67,9 +67,10 @@ def test_decode_raises_only_its_own_errors(data: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    bundle: Path = hf.session_bundle(tmp_path_factory)
-    with hf.client_for(hf.settings_for(bundle, max_upload_mb=0.25, max_image_megapixels=4.0)) as test_client:
+def client(small_bundle: Path) -> Iterator[Any]:
+    with hf.client_for(
+        hf.settings_for(small_bundle, max_upload_mb=0.25, max_image_megapixels=4.0)
+    ) as test_client:
         yield test_client
 
 

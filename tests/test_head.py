@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dermal_fn.gradcam import grad_cam, normalise
-from dermal_fn.head import Head, Op
+from dermal_fn.core.gradcam import grad_cam, normalise
+from dermal_fn.core.head import Head, Op
 
 RNG = np.random.default_rng(7)
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from dermal_fn.service import get_service
+from dermal_fn.models import DEMO_BUNDLE
+from dermal_fn.serving.service import get_service
 from tests import hostile_fixtures as hf
 
 LIMIT_BYTES = 1024 * 1024  # MAX_UPLOAD_MB=1 in these tests
@@ -29,13 +30,8 @@ B64 = base64.b64encode(JPEG).decode()
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return hf.session_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def client(bundle: Path) -> Iterator[Any]:
-    with hf.client_for(hf.settings_for(bundle)) as test_client:
+def client(small_bundle: Path) -> Iterator[Any]:
+    with hf.client_for(hf.settings_for(small_bundle)) as test_client:
         yield test_client
 
 
@@ -352,9 +348,9 @@ def test_malformed_request_ids_are_replaced(client: Any) -> None:
 
 @pytest.mark.parametrize(("max_queue", "timeout_s"), [(0, 0.0), (1, 0.2)])
 def test_full_queue_gives_503_overloaded_and_health_still_answers(
-    bundle: Path, max_queue: int, timeout_s: float
+    small_bundle: Path, max_queue: int, timeout_s: float
 ) -> None:
-    settings = hf.settings_for(bundle, max_queue=max_queue, queue_timeout_s=timeout_s)
+    settings = hf.settings_for(small_bundle, max_queue=max_queue, queue_timeout_s=timeout_s)
     with hf.client_for(settings) as test_client:
         assert_prediction(test_client.post("/predict", data=JPEG, content_type="image/jpeg"))
         gate = get_service().gate
@@ -382,9 +378,9 @@ def test_full_queue_gives_503_overloaded_and_health_still_answers(
 
 
 @pytest.fixture(scope="module")
-def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[hf.ServerProcess]:
+def server(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[hf.ServerProcess]:
     env = {
-        "MODEL_URI": str(bundle),
+        "MODEL_URI": str(small_bundle),
         "MAX_UPLOAD_MB": "1",
         "MAX_QUEUE": "2",
         "QUEUE_TIMEOUT_S": "5",
@@ -504,10 +500,9 @@ def test_burst_of_bombs_and_photos_leaves_the_server_serving(server: hf.ServerPr
     assert server.running
 
 
-# --- EXIF orientation and the heatmap (needs the trained demo bundle) -----------------------------
+# --- EXIF orientation and the heatmap (needs the trained demo bundle) -----------------------------------
 
 
-@pytest.mark.skipif(not hf.DEMO_BUNDLE.is_file(), reason="trained demo bundle not built yet")
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_heatmap_lands_on_the_lesion_as_shown_for_exif_rotated_photos(orientation: int) -> None:
     import numpy as np
@@ -516,7 +511,7 @@ def test_heatmap_lands_on_the_lesion_as_shown_for_exif_rotated_photos(orientatio
     sample = hf.lesion(size=256, seed=11)
     upright = Image.fromarray(sample.image, mode="RGB")
     rotated = hf.exif_rotated(upright, orientation=orientation, fmt="JPEG")
-    with hf.client_for(hf.settings_for(hf.DEMO_BUNDLE, max_upload_mb=4.0)) as demo:
+    with hf.client_for(hf.settings_for(DEMO_BUNDLE, max_upload_mb=4.0)) as demo:
         plain = demo.post("/predict", data=hf.encode(upright, "JPEG", quality=95), content_type="image/jpeg")
         turned = demo.post("/predict", data=rotated, content_type="image/jpeg")
     grids = [np.asarray(r.get_json()["gradcam"]["grid"]) for r in (plain, turned)]

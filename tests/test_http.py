@@ -21,10 +21,8 @@ import pytest
 from PIL import Image
 
 import dermal_fn
-from dermal_fn import bundle as bundle_format
-from tests.http_fixtures import configure, dermal_app, jpeg_bytes, png_bytes, test_bundle
-
-__all__ = ["configure", "dermal_app", "test_bundle"]  # fixtures, imported for pytest
+from dermal_fn.core import bundle as bundle_format
+from tests.http_fixtures import jpeg_bytes, png_bytes
 
 PHOTO_W, PHOTO_H = 200, 120  # not square: the overlay must keep the photo's aspect
 JPEG = jpeg_bytes(width=PHOTO_W, height=PHOTO_H, seed=3)

@@ -1,4 +1,4 @@
-"""dermal_fn.imaging: sniffing, bomb refusal from the header, odd-but-valid images, EXIF orientation."""
+"""dermal_fn.core.imaging: sniffing, bomb refusal from the header, odd-but-valid images, EXIF orientation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermal_fn import imaging
+from dermal_fn.core import imaging
 from dermal_fn.errors import InvalidImage, UnsupportedMediaType
 from tests import hostile_fixtures as hf
 

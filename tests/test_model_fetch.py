@@ -31,11 +31,7 @@ from model_fetch import (
 )
 from model_fetch.gcs import RemoteObject, cache_file_name
 from model_fetch.uri import GcsLocation, LocalLocation, parse_model_uri
-from tests import gcs_emulator
 from tests.gcs_emulator import FakeGCS
-
-fake_gcs = gcs_emulator.fake_gcs  # fixtures, found by pytest under these names
-fresh_fake_gcs = gcs_emulator.fresh_fake_gcs
 
 MODEL_BYTES = bytes(range(256)) * 1024 + b"tail"  # 256 KiB and a bit: several HTTP reads
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +23,8 @@ SPEC_PATH = hf.REPO / "dermal_fn" / "static" / "openapi.json"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hf.ServerProcess]:
-    bundle = hf.session_bundle(tmp_path_factory)
-    env = {"MODEL_URI": str(bundle), "MAX_UPLOAD_MB": "1", "THREADS": "4", "LITERT_THREADS": "1"}
+def server(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[hf.ServerProcess]:
+    env = {"MODEL_URI": str(small_bundle), "MAX_UPLOAD_MB": "1", "THREADS": "4", "LITERT_THREADS": "1"}
     log = tmp_path_factory.mktemp("openapi-server") / "server.log"
     with hf.running_server(env=env, log_path=log) as process:
         yield process
@@ -50,7 +50,7 @@ def test_document_lists_every_route_and_error_code() -> None:
     }
     assert {p["name"] for p in predict["parameters"]} == {"top_k", "class", "score", "gradcam"}
     assert "Retry-After" in predict["responses"]["503"]["headers"]
-    from dermal_fn.http import ERROR_TABLE
+    from dermal_fn.serving.http import ERROR_TABLE
 
     codes = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"])
     assert {code for _, code in ERROR_TABLE.values()} <= codes

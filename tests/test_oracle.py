@@ -16,21 +16,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-
-from dermal_fn.engine import LiteRTEngine, load_engine  # noqa: E402
-from dermal_fn.errors import ExportError, UnsupportedLayer  # noqa: E402
-from dermal_fn.export import export_keras, verification_inputs  # noqa: E402
-from dermal_fn.gradcam import normalise  # noqa: E402
+from dermal_fn.core.engine import LiteRTEngine
+from dermal_fn.core.gradcam import normalise
+from dermal_fn.errors import ExportError, UnsupportedLayer
+from dermal_fn.keras.export import export_keras, verification_inputs
+from dermal_fn.serving.engines import load_engine
 
 SIZE = 40
 PROB_TOL = 1e-4
 HEAT_TOL = 2e-3
-L = keras.layers
+pytestmark = pytest.mark.tensorflow
 
 
 def conv_trunk(x: Any, *, top: str = "top_activation") -> Any:
+    import keras
+
+    L = keras.layers
+
     x = L.Rescaling(1 / 127.5, offset=-1.0)(x)
     x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
     x = L.Conv2D(12, 3, strides=2, padding="same")(x)
@@ -39,6 +41,10 @@ def conv_trunk(x: Any, *, top: str = "top_activation") -> Any:
 
 
 def _randomise_bn(model: Any, seed: int) -> None:
+    import keras
+
+    L = keras.layers
+
     rng = np.random.default_rng(seed)
     for layer in _all_layers(model):
         if isinstance(layer, L.BatchNormalization):
@@ -50,6 +56,8 @@ def _randomise_bn(model: Any, seed: int) -> None:
 
 
 def _all_layers(model: Any) -> list[Any]:
+    import keras
+
     out = []
     for layer in model.layers:
         out.append(layer)
@@ -59,6 +67,10 @@ def _all_layers(model: Any) -> list[Any]:
 
 
 def functional_softmax() -> Any:
+    import keras
+
+    L = keras.layers
+
     inp = keras.Input((SIZE, SIZE, 3))
     x = conv_trunk(inp)
     x = L.GlobalAveragePooling2D()(x)
@@ -67,6 +79,10 @@ def functional_softmax() -> Any:
 
 
 def nested_backbone() -> Any:
+    import keras
+
+    L = keras.layers
+
     inner_in = keras.Input((SIZE, SIZE, 3))
     inner = keras.Model(inner_in, conv_trunk(inner_in), name="backbone")
     return keras.Sequential(
@@ -81,6 +97,10 @@ def nested_backbone() -> Any:
 
 
 def dense_relu_head() -> Any:
+    import keras
+
+    L = keras.layers
+
     inp = keras.Input((SIZE, SIZE, 3))
     x = conv_trunk(inp)
     x = L.GlobalAveragePooling2D()(x)
@@ -91,6 +111,10 @@ def dense_relu_head() -> Any:
 
 
 def global_max_pool_head() -> Any:
+    import keras
+
+    L = keras.layers
+
     inp = keras.Input((SIZE, SIZE, 3))
     x = conv_trunk(inp)
     x = L.GlobalMaxPooling2D()(x)
@@ -99,6 +123,10 @@ def global_max_pool_head() -> Any:
 
 
 def binary_sigmoid() -> Any:
+    import keras
+
+    L = keras.layers
+
     inp = keras.Input((SIZE, SIZE, 3))
     x = conv_trunk(inp)
     x = L.GlobalAveragePooling2D()(x)
@@ -107,6 +135,10 @@ def binary_sigmoid() -> Any:
 
 
 def normalised_gelu_head() -> Any:
+    import keras
+
+    L = keras.layers
+
     inp = keras.Input((SIZE, SIZE, 3))
     x = conv_trunk(inp)
     x = L.Flatten()(x)
@@ -139,6 +171,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Path, Path]]:
+    import keras
+
     out: dict[str, tuple[Any, Path, Path]] = {}
     root = tmp_path_factory.mktemp("oracle")
     for i, case in enumerate(CASES):
@@ -157,6 +191,11 @@ def oracle(
     model: Any, case: Case, pixels: np.ndarray, class_index: int, score: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, Grad-CAM grid) with tf.GradientTape, keras-io style."""
+    import keras
+    import tensorflow as tf
+
+    L = keras.layers
+
     probabilities = model(pixels, training=False).numpy()[0]
     binary = probabilities.shape[0] == 1
     if binary:
@@ -259,6 +298,10 @@ def test_default_layer_is_found_inside_the_nested_model(exported: dict[str, tupl
 
 
 def test_layer_option_picks_an_earlier_layer(tmp_path: Path) -> None:
+    import keras
+
+    L = keras.layers
+
     keras.utils.set_random_seed(5)
     inp = keras.Input((SIZE, SIZE, 3))
     x = L.Conv2D(6, 3, padding="same", activation="relu", name="early")(inp)
@@ -273,6 +316,10 @@ def test_layer_option_picks_an_earlier_layer(tmp_path: Path) -> None:
 
 
 def test_unsupported_head_layer_is_refused_with_its_name(tmp_path: Path) -> None:
+    import keras
+
+    L = keras.layers
+
     inp = keras.Input((SIZE, SIZE, 3))
     x = L.Conv2D(6, 3, activation="relu")(inp)
     x = L.GlobalAveragePooling2D()(x)
@@ -286,6 +333,10 @@ def test_unsupported_head_layer_is_refused_with_its_name(tmp_path: Path) -> None
 
 
 def test_regression_output_is_refused(tmp_path: Path) -> None:
+    import keras
+
+    L = keras.layers
+
     inp = keras.Input((SIZE, SIZE, 3))
     x = L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inp))
     keras.Model(inp, L.Dense(1)(x)).save(tmp_path / "m.keras")

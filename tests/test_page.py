@@ -1,11 +1,11 @@
 """The upload page at ``GET /``, driven in Debian's Chromium by Playwright against real servers.
 
 Every server here is a real ``functions-framework --target=dermal`` process on a free 127.0.0.1
-port serving a tiny seeded bundle built by the session (labels from ``dermal_fn.demo.synth``, a
-model name that says "synthetic"). Expected values come from the same server: each uploaded file is
+port serving the committed small bundle (``tests/models.py``: labels from ``dermal_fn.demo.synth``,
+a model name that says "synthetic"). Expected values come from the same server: each uploaded file is
 also POSTed by the test (multipart, as the page sends it), and the page must show what that JSON says. Screenshots go to
-``artifacts/screenshots/``. ``make test`` installs Chromium (``scripts/ensure_chromium.sh``); run
-directly without it, these tests skip.
+``artifacts/screenshots/``. ``make test`` installs Chromium (``scripts/ensure_chromium.sh``); without
+it these tests fail, saying so.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from PIL import Image
 
 from dermal_fn.demo import synth
 from tests.http_fixtures import ServerProcess
+from tests.models import SMALL
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,7 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-MODEL_NAME = "synthetic-page-test-model"
+MODEL_NAME = SMALL.name  # the committed small bundle: named as synthetic
 API_KEY = "page-test-key-6b1f"
 SMALL_UPLOAD_MB = 0.05
 DESKTOP = {"width": 1280, "height": 900}
@@ -52,39 +53,10 @@ PHONE = {"width": 390, "height": 844}
 DONE = "#results[data-state=done]"
 FAILED = "#results[data-state=error]"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's Chromium at /usr/bin/chromium: run `make browser` (or `make test`) to install it",
-    ),
-]
+pytestmark = pytest.mark.browser
 
 
 # --- the model, the images --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def page_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny seeded classifier over synth.LABELS, exported to a bundle named as synthetic."""
-    import keras
-
-    from dermal_fn.export import export_keras
-
-    folder = tmp_path_factory.mktemp("page-model")
-    keras.utils.set_random_seed(4)
-    layers = keras.layers
-    inputs = keras.Input((48, 48, 3))
-    x = layers.Rescaling(1 / 255.0)(inputs)
-    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
-    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="swish", name="top_activation")(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(len(synth.LABELS), activation="softmax")(x)
-    keras_path = folder / "page.keras"
-    keras.Model(inputs, outputs).save(keras_path)
-    bundle = folder / "page.dermal"
-    export_keras(keras_path, bundle, labels=list(synth.LABELS), name=MODEL_NAME)
-    return bundle
 
 
 def jpeg_bytes(pixels: np.ndarray, *, quality: int = 92, exif: Image.Exif | None = None) -> bytes:
@@ -144,7 +116,7 @@ def post_multipart(server: ServerProcess, path: Path, *, api_key: str | None = N
 
 
 @pytest.fixture(scope="module")
-def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+def page_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
     """Start servers shared by this module's tests (tests.http_fixtures.ServerProcess); all stopped at the end."""
     log_dir = tmp_path_factory.mktemp("page-servers")
     servers: list[ServerProcess] = []
@@ -177,32 +149,32 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 
 
 @pytest.fixture(scope="module")
-def server(server_factory: Callable[..., ServerProcess], page_bundle: Path) -> ServerProcess:
+def server(page_servers: Callable[..., ServerProcess], small_bundle: Path) -> ServerProcess:
     """Defaults: heatmaps on, 10 MB uploads, no API key."""
-    return server_factory({"MODEL_URI": str(page_bundle)})
+    return page_servers({"MODEL_URI": str(small_bundle)})
 
 
 @pytest.fixture(scope="module")
-def limited_server(server_factory: Callable[..., ServerProcess], page_bundle: Path) -> ServerProcess:
+def limited_server(page_servers: Callable[..., ServerProcess], small_bundle: Path) -> ServerProcess:
     """Heatmaps off and a tiny upload limit."""
-    return server_factory(
-        {"MODEL_URI": str(page_bundle), "ENABLE_GRADCAM": "false", "MAX_UPLOAD_MB": str(SMALL_UPLOAD_MB)}
+    return page_servers(
+        {"MODEL_URI": str(small_bundle), "ENABLE_GRADCAM": "false", "MAX_UPLOAD_MB": str(SMALL_UPLOAD_MB)}
     )
 
 
 @pytest.fixture(scope="module")
-def keyed_server(server_factory: Callable[..., ServerProcess], page_bundle: Path) -> ServerProcess:
+def keyed_server(page_servers: Callable[..., ServerProcess], small_bundle: Path) -> ServerProcess:
     """An API key, and a soft memory limit every process exceeds (heatmaps always skipped)."""
-    return server_factory({"MODEL_URI": str(page_bundle), "API_KEY": API_KEY, "MEMORY_SOFT_LIMIT_MB": "1"})
+    return page_servers({"MODEL_URI": str(small_bundle), "API_KEY": API_KEY, "MEMORY_SOFT_LIMIT_MB": "1"})
 
 
 @pytest.fixture(scope="module")
 def broken_server(
-    server_factory: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+    page_servers: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> ServerProcess:
     """A model URI that points at nothing: the model is unavailable."""
     missing = tmp_path_factory.mktemp("page-missing") / "absent.dermal"
-    return server_factory({"MODEL_URI": str(missing)}, wait_for_model=False)
+    return page_servers({"MODEL_URI": str(missing)}, wait_for_model=False)
 
 
 # --- the browser -------------------------------------------------------------------------------------

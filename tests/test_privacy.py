@@ -63,11 +63,6 @@ class OpenRecorder:
         return [path for path, _ in self.opened if path.startswith(root)]
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return hf.session_bundle(tmp_path_factory)
-
-
 def five_mb_upload() -> tuple[bytes, str]:
     photo = hf.jpeg(size=128)
     padding = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # after the JPEG end marker: ignored
@@ -90,9 +85,9 @@ def test_werkzeug_default_would_spool_this_upload_to_disk() -> None:
     assert recorder.in_tempdir(), recorder.opened
 
 
-def test_5mb_multipart_upload_never_touches_disk(bundle: Path) -> None:
+def test_5mb_multipart_upload_never_touches_disk(small_bundle: Path) -> None:
     body, content_type = five_mb_upload()
-    with hf.client_for(hf.settings_for(bundle, max_upload_mb=8.0)) as client:
+    with hf.client_for(hf.settings_for(small_bundle, max_upload_mb=8.0)) as client:
         client.get("/health")
         client.post("/predict", data=hf.jpeg(size=64), content_type="image/jpeg")  # model loaded
         with OpenRecorder() as recorder:
@@ -104,9 +99,9 @@ def test_5mb_multipart_upload_never_touches_disk(bundle: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
-def test_hostile_requests_open_no_file_for_writing(bundle: Path, name: str) -> None:
+def test_hostile_requests_open_no_file_for_writing(small_bundle: Path, name: str) -> None:
     kwargs, status, _ = BAD_REQUESTS[name]
-    with hf.client_for(hf.settings_for(bundle)) as client:
+    with hf.client_for(hf.settings_for(small_bundle)) as client:
         client.post("/predict", data=hf.jpeg(size=64), content_type="image/jpeg")
         with OpenRecorder() as recorder:
             response = client.post("/predict", **kwargs)
@@ -139,10 +134,10 @@ def fragments(data: bytes) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def full_run(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def full_run(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Every hostile case and normal uploads against a real server; its captured output afterwards."""
     log_path = tmp_path_factory.mktemp("privacy") / "server.log"
-    env = {"MODEL_URI": str(bundle), "MAX_UPLOAD_MB": "1", "THREADS": "4", "LITERT_THREADS": "1"}
+    env = {"MODEL_URI": str(small_bundle), "MAX_UPLOAD_MB": "1", "THREADS": "4", "LITERT_THREADS": "1"}
     sent: list[bytes] = []
     answers: list[tuple[str, int, dict[str, Any]]] = []
     secret_text = b"PATIENT-NOTE-7f3a9c: mole on left shoulder, itching since May"

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermal_fn import bundle as bundle_format
-from dermal_fn.__main__ import main as cli
-from dermal_fn.compare import pearson_r, top_region, top_region_iou
+from dermal_fn.core import bundle as bundle_format
+from dermal_fn.core.engine import LiteRTEngine
+from dermal_fn.core.imaging import decode, model_input
 from dermal_fn.demo import synth
-from dermal_fn.engine import LiteRTEngine
 from dermal_fn.errors import ExportError
-from dermal_fn.export import calibration_images
-from dermal_fn.imaging import decode, model_input
+from dermal_fn.tools.cli import main as cli
+from dermal_fn.tools.compare import pearson_r, top_region, top_region_iou
+from dermal_fn.tools.folders import calibration_images
 
 SIZE = 64
 MODES = ("none", "fp16", "int8-dynamic", "int8")
@@ -213,7 +213,7 @@ def test_calibration_must_be_a_folder(tmp_path: Path, what: str) -> None:
 def test_calibration_leaves_out_stray_files_with_a_warning(
     calibration: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="dermal_fn.export"):
+    with caplog.at_level(logging.WARNING, logger="dermal_fn.tools.folders"):
         inputs = calibration_images(calibration, (SIZE, SIZE), "unit")
     assert len(inputs) == 16
     assert all(x.shape == (1, SIZE, SIZE, 3) and x.dtype == np.float32 for x in inputs)
@@ -222,13 +222,14 @@ def test_calibration_leaves_out_stray_files_with_a_warning(
 
 
 def test_no_calibration_folder_warns_and_uses_generated_images(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="dermal_fn.export"):
+    with caplog.at_level(logging.WARNING, logger="dermal_fn.tools.folders"):
         inputs = calibration_images(None, (SIZE, SIZE), "raw", limit=10)
     assert len(inputs) == 10
     assert "generated images" in caplog.text
     assert np.std([float(x.mean()) for x in inputs]) > 0  # not one image repeated
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_export_int8_with_a_bad_calibration_folder_fails_and_writes_nothing(
     demo_keras: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -246,6 +247,7 @@ def test_export_int8_with_a_bad_calibration_folder_fails_and_writes_nothing(
 # --- each mode end to end ----------------------------------------------------------------------------
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_bundle_is_written_verified_and_served(bundles: dict[str, Path], images: Path, mode: str) -> None:
@@ -266,6 +268,7 @@ def test_bundle_is_written_verified_and_served(bundles: dict[str, Path], images:
     engine.close()
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_int8_backbone_is_integer_inside_with_float32_edges(bundles: dict[str, Path]) -> None:
     from ai_edge_litert.interpreter import Interpreter
@@ -281,6 +284,7 @@ def test_int8_backbone_is_integer_inside_with_float32_edges(bundles: dict[str, P
         assert interpreter._get_tensor_details(weights, 0)["dtype"] == np.int8
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcam_of_a_bundle_is_exact_for_that_bundle(
@@ -322,6 +326,7 @@ def test_gradcam_of_a_bundle_is_exact_for_that_bundle(
         assert own_vs_keras_features > 1e-4
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "min_agreement", "min_r"),
@@ -366,6 +371,7 @@ def test_compare_gate_passes_for_a_faithful_quantization(
     assert "| peak RSS (MB) |" in table and "| p50 latency (ms) |" in table
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_compare_of_a_bundle_with_itself_is_perfect(
     bundles: dict[str, Path], images: Path, tmp_path: Path
@@ -386,7 +392,7 @@ def other_model(quant_dir: Path, demo_keras: Path) -> Path:
     import keras
 
     from dermal_fn.demo.train import build_model
-    from dermal_fn.export import export_keras
+    from dermal_fn.keras.export import export_keras
 
     keras.utils.set_random_seed(7)
     path = quant_dir / "other.keras"
@@ -396,6 +402,7 @@ def other_model(quant_dir: Path, demo_keras: Path) -> Path:
     return out
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_compare_gate_fails_with_exit_1_and_says_which_threshold(
     bundles: dict[str, Path],
@@ -415,6 +422,7 @@ def test_compare_gate_fails_with_exit_1_and_says_which_threshold(
     assert len(report["failures"]) == 1
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_compare_gate_on_heatmap_r_alone(bundles: dict[str, Path], images: Path, tmp_path: Path) -> None:
     # int8 keeps the heatmaps close but never identical: r = 1 is a threshold it must miss
@@ -438,6 +446,7 @@ def _bad_images(tmp_path: Path, kind: str) -> Path:
     return target
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "message"),
@@ -457,12 +466,13 @@ def test_compare_bad_images_folder_exits_2(
     assert message in caplog.text
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
         ("missing", "expected a bundle or .keras file at"),
-        ("text", "expected a dermal-fn bundle or a .keras file, found neither"),
+        ("text", "expected a dermal-fn bundle or a Keras model"),
         ("truncated", "bundle"),
     ],
 )
@@ -495,7 +505,7 @@ def test_compare_rejects_thresholds_out_of_range(tmp_path: Path, caplog: pytest.
 
 
 def test_measure_child_reports_one_json_line(tmp_path: Path) -> None:
-    """``python -m dermal_fn.compare --measure`` on a missing model: status 2, nothing on stdout."""
+    """``python -m dermal_fn.tools.compare --measure`` on a missing model: status 2, nothing on stdout."""
     import subprocess
     import sys
 
@@ -503,7 +513,7 @@ def test_measure_child_reports_one_json_line(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "dermal_fn.compare",
+            "dermal_fn.tools.compare",
             "--measure",
             str(tmp_path / "x"),
             "--images",
@@ -520,13 +530,14 @@ def test_measure_child_reports_one_json_line(tmp_path: Path) -> None:
     assert "expected" in done.stderr
 
 
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("mode", ["none", "int8-dynamic"])
 def test_a_confident_model_exports(tmp_path: Path, mode: str) -> None:
     """Softmax saturated (p = 1 - 1e-6): TensorFlow's float32 probability gradient is noise there,
     which must not make the exporter refuse a faithful bundle."""
     import keras
 
-    from dermal_fn.export import export_keras
+    from dermal_fn.keras.export import export_keras
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from dermal_fn.config import DEMO_BUNDLE
+from dermal_fn.models import DEMO_BUNDLE
 
 DEMO_NAME = "synthetic-demo (not for diagnosis)"
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def build(out: Path, *, seed: int = 0) -> Path:
     """Train the demo model in a temporary folder and export it to ``out``."""
     from dermal_fn.demo import train
-    from dermal_fn.export import export_keras
+    from dermal_fn.keras.export import export_keras
 
     with tempfile.TemporaryDirectory(prefix="dermal-demo-") as tmp:
         keras_path = train.train(tmp, seed=seed)

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from dermal_fn.core.head import ELEMENTWISE_ACTIVATIONS, Head, Op, OutputActivation
 from dermal_fn.errors import ExportError, UnsupportedLayer
-from dermal_fn.head import ELEMENTWISE_ACTIVATIONS, Head, Op, OutputActivation
 
 logger = logging.getLogger(__name__)
 

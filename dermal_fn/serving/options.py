@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dermal_fn.config import parse_bool
+from dermal_fn.core.head import SCORES, Score
 from dermal_fn.errors import ConfigError, InvalidOption
-from dermal_fn.head import SCORES, Score
+from dermal_fn.serving.config import parse_bool
 
 DEFAULT_TOP_K = 3
 OPTION_NAMES = ("top_k", "class", "score", "gradcam")
@@ -58,16 +57,29 @@ class PredictOptions:
                 raise InvalidOption(f"expected gradcam to be true or false, found {_show(raw)}") from None
         return cls(top_k=top_k, class_=class_, score=score, gradcam=gradcam)
 
-    def checked(self, labels: tuple[str, ...]) -> PredictOptions:
-        """Check top_k and class against the model's labels (class becomes an index)."""
+    def checked(self, labels: tuple[str, ...]) -> CheckedOptions:
+        """Check top_k and class against the model's labels; the class becomes an index, once."""
         n = len(labels)
         if self.top_k > n:
             raise InvalidOption(
                 f"expected top_k between 1 and {n} (the model has {n} classes), found {self.top_k}"
             )
-        if self.class_ is None:
-            return self
-        return dataclasses.replace(self, class_=class_index(self.class_, labels))
+        return CheckedOptions(
+            top_k=self.top_k,
+            class_index=None if self.class_ is None else class_index(self.class_, labels),
+            score=self.score,
+            gradcam=self.gradcam,
+        )
+
+
+@dataclass(frozen=True)
+class CheckedOptions:
+    """Options checked against one model: what the engine and the answer are made from."""
+
+    top_k: int
+    class_index: int | None  # None: the most probable class
+    score: Score
+    gradcam: bool | None
 
 
 def class_index(value: int | str, labels: tuple[str, ...]) -> int:

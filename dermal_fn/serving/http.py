@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -25,8 +26,8 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from werkzeug.formparser import FormDataParser
 
 from dermal_fn import errors
-from dermal_fn.options import OPTION_NAMES, PredictOptions
-from dermal_fn.service import Service, get_service
+from dermal_fn.serving.options import OPTION_NAMES, PredictOptions
+from dermal_fn.serving.service import Service, get_service
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ IMAGE_TYPES_HINT = (
 # what a client-chosen name or id must look like to be echoed in a message, header or log
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-ROUTES: dict[str, tuple[str, ...]] = {
-    "/": ("GET", "HEAD", "POST"),
-    "/predict": ("POST",),
-    "/health": ("GET", "HEAD"),
-    "/memory": ("GET", "HEAD"),
-    "/openapi.json": ("GET", "HEAD"),
-}
 
 
 def status_for(exc: errors.DermalError) -> tuple[int, str]:
@@ -239,7 +233,7 @@ def _authorised(request: flask.Request, api_key: str | None) -> None:
         )
 
 
-def health(service: Service) -> flask.Response:
+def health(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
     """Liveness and model state (``model_state``: idle, loading, loaded or error).
 
     The first call starts loading the model in the background, so a platform's health check warms
@@ -268,7 +262,7 @@ def health(service: Service) -> flask.Response:
     return json_response(body, status, headers)
 
 
-def memory_route(service: Service) -> flask.Response:
+def memory_route(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
     """The seed's /memory shape, with the container limit."""
     return json_response(
         {
@@ -286,7 +280,7 @@ def _static_text(name: str) -> str:
     return resources.files("dermal_fn").joinpath("static", name).read_text(encoding="utf-8")
 
 
-def page() -> flask.Response:
+def page(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
     """The upload page."""
     response = flask.Response(_static_text("index.html"), mimetype="text/html")
     response.headers["Content-Security-Policy"] = (
@@ -296,7 +290,7 @@ def page() -> flask.Response:
     return response
 
 
-def openapi() -> flask.Response:
+def openapi(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
     """The OpenAPI description of this API."""
     return flask.Response(_static_text("openapi.json"), mimetype="application/json")
 
@@ -312,6 +306,45 @@ def predict(request: flask.Request, service: Service, log: dict[str, Any]) -> fl
     log["timing_ms"] = result.body["timing_ms"]
     log["gradcam"] = result.gradcam_status
     return json_response(result.body)
+
+
+Handler = Callable[[flask.Request, Service, dict[str, Any]], flask.Response]
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a method on a path runs, and whether it needs the API key."""
+
+    handler: Handler
+    authorised: bool = False
+
+
+_PAGE = Route(page)
+_PREDICT = Route(predict, authorised=True)
+# path -> method -> route; HEAD is answered by the GET handler (werkzeug drops the body)
+ROUTES: dict[str, dict[str, Route]] = {
+    "/": {"GET": _PAGE, "HEAD": _PAGE, "POST": _PREDICT},
+    "/predict": {"POST": _PREDICT},
+    "/health": {"GET": Route(health), "HEAD": Route(health)},
+    "/memory": {"GET": Route(memory_route, authorised=True), "HEAD": Route(memory_route, authorised=True)},
+    "/openapi.json": {"GET": Route(openapi), "HEAD": Route(openapi)},
+}
+
+
+def route_for(path: str, method: str, *, cors: bool) -> Route | None:
+    """The route for a request; None for a CORS preflight; NotFound / MethodNotAllowed otherwise."""
+    methods = ROUTES.get(path)
+    if methods is None:
+        raise errors.NotFound(f"expected one of {sorted(ROUTES)}, found {path!r}")
+    if method == "OPTIONS" and cors:
+        return None
+    route = methods.get(method)
+    if route is None:
+        allowed = tuple(methods)
+        raise errors.MethodNotAllowed(
+            f"expected {' or '.join(allowed)} for {path}, found {method}", allowed=allowed
+        )
+    return route
 
 
 def _cors(request: flask.Request, response: flask.Response, origins: tuple[str, ...]) -> flask.Response:
@@ -340,24 +373,13 @@ def handle(request: flask.Request, *, service_factory: Callable[[], Service] = g
         _log_request(log, response.status_code, started)
         return response
     try:
-        if route not in ROUTES:
-            raise errors.NotFound(f"expected one of {sorted(ROUTES)}, found {route!r}")
-        if method == "OPTIONS" and service.settings.cors_origins:
-            response = flask.Response(status=204)
-        elif method not in ROUTES[route]:
-            raise errors.MethodNotAllowed(
-                f"expected {' or '.join(ROUTES[route])} for {route}, found {method}",
-                allowed=ROUTES[route],
-            )
-        elif route == "/health":
-            response = health(service)
-        elif route == "/openapi.json":
-            response = openapi()
-        elif route == "/" and method in ("GET", "HEAD"):
-            response = page()
+        target = route_for(route, method, cors=bool(service.settings.cors_origins))
+        if target is None:
+            response = flask.Response(status=204)  # CORS preflight
         else:
-            _authorised(request, service.settings.api_key)
-            response = memory_route(service) if route == "/memory" else predict(request, service, log)
+            if target.authorised:
+                _authorised(request, service.settings.api_key)
+            response = target.handler(request, service, log)
     except errors.DermalError as exc:
         response = error_response(exc)
         if response.status_code >= 500:

@@ -7,7 +7,7 @@ activations). Each op is a small pure function pair: ``forward(x) -> (y, cache)`
 probability.
 
 The spec of a head is plain data (JSON-able ops plus named arrays), written into the bundle by
-:mod:`dermal_fn.export` and read back by :func:`Head.from_spec`.
+:mod:`dermal_fn.keras.export` and read back by :func:`Head.from_spec`.
 """
 
 from __future__ import annotations
@@ -362,6 +362,8 @@ class Head:
     def from_spec(cls, spec: Mapping[str, Any], arrays: Mapping[str, Array]) -> Head:
         """Rebuild a head from :meth:`to_spec`'s output, checking every op kind."""
         ops = []
+        if not isinstance(spec, Mapping):
+            raise BundleError(f"expected a head spec (a JSON object), found {type(spec).__name__}")
         try:
             for i, entry in enumerate(spec["ops"]):
                 kind = entry["kind"]
@@ -376,7 +378,7 @@ class Head:
                 ops.append(Op(kind, entry.get("name", kind), dict(entry.get("params", {})), op_arrays))
             output = spec["output_activation"]
             binary = bool(spec["binary"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise BundleError(f"expected a head spec with ops and output_activation, found {exc!r}") from exc
         if output not in ("softmax", "sigmoid", "none"):
             raise BundleError(f"expected output activation softmax, sigmoid or none, found {output!r}")

@@ -1,7 +1,7 @@
 """Grad-CAM numbers: pool the gradient, weight the channels, ReLU, normalise.
 
 Pure functions on NumPy arrays, as in the keras-io Grad-CAM example; rendering lives in
-:mod:`dermal_fn.render`.
+:mod:`dermal_fn.core.render`.
 """
 
 from __future__ import annotations

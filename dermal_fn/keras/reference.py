@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from dermal_fn.engine import Engine, Inference, ModelInfo
-from dermal_fn.gradcam import grad_cam
-from dermal_fn.head import Score
-from dermal_fn.imaging import InputScale
-from dermal_fn.keras_split import Split, build_head, split
+from dermal_fn.core.engine import Engine, Inference, ModelInfo
+from dermal_fn.core.gradcam import grad_cam
+from dermal_fn.core.head import Score
+from dermal_fn.core.imaging import InputScale
+from dermal_fn.keras.split import Split, build_head, split
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class KerasEngine(Engine):
         self,
         pixels: np.ndarray,
         *,
-        class_index: int | str | None = None,
+        class_index: int | None = None,
         score: Score = "logit",
         gradcam: bool = True,
     ) -> Inference:

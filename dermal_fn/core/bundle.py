@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from dermal_fn.core.head import Head
+from dermal_fn.core.imaging import INPUT_SCALES, RESIZE_METHODS, InputScale
 from dermal_fn.errors import BundleError
-from dermal_fn.head import Head
-from dermal_fn.imaging import INPUT_SCALES, RESIZE_METHODS, InputScale
 
 FORMAT = "dermal-fn-bundle"
 VERSION = 1
@@ -111,7 +111,12 @@ def write(path: str | Path, *, backbone: bytes, manifest: Manifest, head: Head) 
 
 
 def read(path: str | Path) -> Bundle:
-    """Read and validate a bundle's manifest and head (the backbone is loaded by the engine)."""
+    """Read and validate a bundle's manifest and head (the backbone is loaded by the engine).
+
+    Every way a manifest or head can be malformed is a :class:`BundleError`: the head is run once on
+    a zero feature map of the manifest's shape, so arrays of the wrong shape are refused here, not on
+    every request.
+    """
     path = Path(path)
     try:
         if not is_bundle(path):
@@ -120,19 +125,34 @@ def read(path: str | Path) -> Bundle:
             data = json.loads(z.read(MANIFEST))
             with np.load(io.BytesIO(z.read(HEAD_ARRAYS)), allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
         raise BundleError(f"expected a readable bundle at {path.name}, found {exc}") from exc
     manifest = _parse_manifest(data)
-    head = Head.from_spec(data["head"], arrays)
-    if head.n_classes != len(manifest.labels):
-        raise BundleError(
-            f"expected {head.n_classes} labels for the head's outputs, found {len(manifest.labels)}"
-        )
+    head = Head.from_spec(data.get("head"), arrays)
+    check_head(head, manifest)
     return Bundle(path=path, manifest=manifest, head=head)
 
 
+def check_head(head: Head, manifest: Manifest) -> None:
+    """Run the head on a zero feature map of the manifest's shape; its outputs must match the labels."""
+    try:
+        probabilities = head.forward(np.zeros((1, *manifest.feature_map_shape))).probabilities
+        n_classes = head.n_classes
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise BundleError(
+            f"expected head arrays that fit a feature map {manifest.feature_map_shape}, found: {exc}"
+        ) from exc
+    if n_classes != len(manifest.labels) or np.shape(probabilities) != (len(manifest.labels),):
+        raise BundleError(
+            f"expected {len(manifest.labels)} outputs for the labels, found the head giving "
+            f"{n_classes} ({np.shape(probabilities)})"
+        )
+
+
 def _parse_manifest(data: Any) -> Manifest:
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict):
+        raise BundleError(f"expected the manifest to be a JSON object, found a JSON {type(data).__name__}")
+    if data.get("format") != FORMAT:
         raise BundleError(f"expected manifest format {FORMAT!r}, found {data.get('format')!r}")
     if data.get("version") != VERSION:
         raise BundleError(f"expected bundle version {VERSION}, found {data.get('version')!r}")

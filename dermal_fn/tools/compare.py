@@ -5,7 +5,7 @@
 For every image: top-1 agreement, the largest |Δprobability| over the classes, and the Grad-CAM grid
 of BASE's predicted class (logit score) in both models, compared by Pearson r and by the IoU of their
 top-20 % cells. Each model's peak RSS and p50 latency are measured in its own child process
-(``python -m dermal_fn.compare --measure MODEL --images DIR``) so one model's memory never counts
+(``python -m dermal_fn.tools.compare --measure MODEL --images DIR``) so one model's memory never counts
 against the other. The report is a Markdown table (and optionally JSON); the exit status is 1 when a
 threshold given on the command line is missed, 2 on errors, so it can gate a deployment.
 """
@@ -130,7 +130,7 @@ def image_files(folder: str | Path, *, limit: int | None = None) -> list[Path]:
 
 def decoded_images(files: Sequence[Path], *, min_side: int) -> Iterator[tuple[Path, Any]]:
     """(path, RGB image) for each decodable file; the others are logged and left out."""
-    from dermal_fn.imaging import decode
+    from dermal_fn.core.imaging import decode
 
     for path in files:
         try:
@@ -147,7 +147,7 @@ def _sha256(path: Path) -> str:
 
 def open_engine(path: str | Path, *, num_threads: int = 1) -> Any:
     """A bundle or ``.keras`` file as an engine, with a clear error for anything else."""
-    from dermal_fn.engine import load_engine
+    from dermal_fn.serving.engines import load_engine
 
     path = Path(path)
     if not path.is_file():
@@ -156,7 +156,7 @@ def open_engine(path: str | Path, *, num_threads: int = 1) -> Any:
 
 
 def _inputs(engine: Any, rgb: Any) -> np.ndarray:
-    from dermal_fn.imaging import model_input
+    from dermal_fn.core.imaging import model_input
 
     info = engine.info
     return model_input(rgb, size=info.input_size, scale=info.input_scale, resize=info.resize)
@@ -217,7 +217,7 @@ def summarise(results: Sequence[ImageResult], *, skipped: int = 0) -> Summary:
 
 def measure(model: str | Path, files: Sequence[Path], *, num_threads: int = 1) -> Measurement:
     """Load one model, warm it up, time it on every image; peak RSS of this process at the end."""
-    from dermal_fn.memory import peak_rss_mb, rss_mb
+    from dermal_fn.serving.memory import peak_rss_mb, rss_mb
 
     before = rss_mb()
     started = time.perf_counter()
@@ -252,8 +252,16 @@ def measure(model: str | Path, files: Sequence[Path], *, num_threads: int = 1) -
 def measure_in_child(
     model: str | Path, images: str | Path, *, limit: int | None, num_threads: int = 1
 ) -> Measurement:
-    """Run :func:`measure` in a fresh ``python -m dermal_fn.compare --measure`` process."""
-    command = [sys.executable, "-m", "dermal_fn.compare", "--measure", str(model), "--images", str(images)]
+    """Run :func:`measure` in a fresh ``python -m dermal_fn.tools.compare --measure`` process."""
+    command = [
+        sys.executable,
+        "-m",
+        "dermal_fn.tools.compare",
+        "--measure",
+        str(model),
+        "--images",
+        str(images),
+    ]
     command += ["--threads", str(num_threads)]
     if limit:
         command += ["--limit", str(limit)]
@@ -329,7 +337,7 @@ def markdown(
 
 def model_kind(path: Path) -> str:
     """The bundle's quantization, or ``keras`` for a ``.keras`` file."""
-    from dermal_fn import bundle as bundle_format
+    from dermal_fn.core import bundle as bundle_format
 
     if bundle_format.is_bundle(path):
         return bundle_format.read(path).manifest.quantization
@@ -405,8 +413,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _measure_main(argv: Sequence[str] | None = None) -> int:
-    """The child: ``python -m dermal_fn.compare --measure MODEL --images DIR``; one JSON line out."""
-    parser = argparse.ArgumentParser(prog="python -m dermal_fn.compare")
+    """The child: ``python -m dermal_fn.tools.compare --measure MODEL --images DIR``; one JSON line out."""
+    parser = argparse.ArgumentParser(prog="python -m dermal_fn.tools.compare")
     parser.add_argument("--measure", required=True, metavar="MODEL")
     parser.add_argument("--images", required=True)
     parser.add_argument("--limit", type=int)

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
-from dermal_fn import imaging, memory, render
-from dermal_fn.config import Settings
-from dermal_fn.engine import Engine, load_engine
-from dermal_fn.errors import DermalError, ModelUnavailable, Overloaded
-from dermal_fn.options import PredictOptions
+from dermal_fn.core import imaging, render
+from dermal_fn.core.engine import Engine, Inference, ModelInfo
+from dermal_fn.errors import ConfigError, DermalError, ModelUnavailable, Overloaded
+from dermal_fn.serving import memory
+from dermal_fn.serving.config import Settings
+from dermal_fn.serving.engines import load_engine
+from dermal_fn.serving.options import CheckedOptions, PredictOptions
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,11 @@ class ModelHolder:
         started = time.perf_counter()
         settings = self.settings
         try:
+            if settings.demo_refused:
+                raise ConfigError(
+                    f"expected MODEL_URI to name the model to serve on {settings.platform}, found it empty; "
+                    "set MODEL_URI (or ALLOW_DEMO_MODEL=true to serve the synthetic demo, not for diagnosis)"
+                )
             fetched = fetch_model(
                 settings.model_uri,
                 cache_dir=settings.model_cache_dir,
@@ -218,6 +226,23 @@ class Prediction:
     gradcam_status: str
 
 
+@dataclass(frozen=True)
+class DecodedPhoto:
+    """A request's photo, decoded: the model's input and the small copy the overlay is drawn on."""
+
+    pixels: np.ndarray
+    photo: Image.Image
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class GradcamPlan:
+    """Whether this request gets a heatmap, and the ``gradcam`` body when it does not."""
+
+    run: bool
+    body: dict[str, Any]
+
+
 class Service:
     """Settings, the model holder and the gate of one process."""
 
@@ -239,9 +264,7 @@ class Service:
             "percent": round(100.0 * rss / total, 2) if total else 0.0,
             "limit_mb": round(total, 1),
             "limit_source": "container" if limit is not None else "host",
-            "soft_limit_mb": round(self.settings.memory_soft_limit_mb, 1)
-            if self.settings.memory_soft_limit_mb is not None
-            else None,
+            "soft_limit_mb": _round(self.settings.memory_soft_limit_mb),
             "peak_rss_mb": _round(memory.peak_rss_mb()),
         }
 
@@ -255,80 +278,113 @@ class Service:
     ) -> Prediction:
         """Decode, run the model, explain: the contract's 200 body.
 
-        The heatmap is made when ``enable_gradcam`` (default: ENABLE_GRADCAM) allows it and the
-        request did not say ``gradcam=false``: a client cannot turn on what the operator turned off.
+        Steps: check the options against the model; inside the gate, decode, plan the heatmap and
+        run the model; outside it, render the overlay (it overlaps the next request's inference);
+        then assemble the body.
         """
         started = timer()
         engine = self.holder.get()
         info = engine.info
-        options = options.checked(info.labels)
+        checked = options.checked(info.labels)
         with self.gate:
-            t0 = timer()
-            decoded = imaging.decode(
-                image_bytes,
-                min_side=max(*info.input_size, imaging.OVERLAY_MIN_SIDE),
-                max_pixels=int(self.settings.max_image_megapixels * 1e6),
+            decoded = self.decode(image_bytes, info, timer=timer)
+            plan = self.plan_gradcam(checked, enable_gradcam=enable_gradcam)
+            inference = engine.run(
+                decoded.pixels, class_index=checked.class_index, score=checked.score, gradcam=plan.run
             )
-            pixels = imaging.model_input(
-                decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
-            )
-            photo = imaging.display_copy(decoded.rgb)
-            del decoded  # the full decode is the largest object of a request; free it before inference
-            decode_ms = (timer() - t0) * 1e3
+        t0 = timer()
+        gradcam_body = self.gradcam_body(plan, inference, decoded.photo, info)
+        render_ms = (timer() - t0) * 1e3 if gradcam_body["status"] == "ok" else 0.0
+        timing_ms = {
+            "decode": decoded.decode_ms,
+            "model": inference.model_ms,
+            "gradcam": inference.gradcam_ms + render_ms,
+            "total": (timer() - started) * 1e3,
+        }
+        body = answer_body(info, inference, gradcam_body, top_k=checked.top_k, timing_ms=timing_ms)
+        return Prediction(body=body, class_index=inference.class_index, gradcam_status=gradcam_body["status"])
 
-            allowed = self.settings.enable_gradcam if enable_gradcam is None else enable_gradcam
-            wanted = allowed and options.gradcam is not False
-            gradcam_body: dict[str, Any] = {"status": "disabled"}
-            do_gradcam = wanted
-            soft = self.settings.memory_soft_limit_mb
-            if wanted and soft is not None:
-                rss = memory.rss_mb()
-                if rss > soft:
-                    do_gradcam = False
-                    gradcam_body = {
+    def decode(
+        self, image_bytes: bytes, info: ModelInfo, *, timer: Callable[[], float] = time.perf_counter
+    ) -> DecodedPhoto:
+        """The model's input and the overlay's photo; the full decode is freed before inference."""
+        t0 = timer()
+        decoded = imaging.decode(
+            image_bytes,
+            min_side=max(*info.input_size, imaging.OVERLAY_MIN_SIDE),
+            max_pixels=int(self.settings.max_image_megapixels * 1e6),
+        )
+        pixels = imaging.model_input(
+            decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
+        )
+        photo = imaging.display_copy(decoded.rgb)
+        del decoded  # the largest object of a request
+        return DecodedPhoto(pixels=pixels, photo=photo, decode_ms=(timer() - t0) * 1e3)
+
+    def plan_gradcam(self, options: CheckedOptions, *, enable_gradcam: bool | None = None) -> GradcamPlan:
+        """Heatmap or not: the operator (ENABLE_GRADCAM, or ``enable_gradcam``), then the request, then memory.
+
+        A client cannot turn on what the operator turned off; above the soft memory limit the
+        heatmap is skipped and the body says so.
+        """
+        allowed = self.settings.enable_gradcam if enable_gradcam is None else enable_gradcam
+        if not allowed or options.gradcam is False:
+            return GradcamPlan(run=False, body={"status": "disabled"})
+        soft = self.settings.memory_soft_limit_mb
+        if soft is not None:
+            rss = memory.rss_mb()
+            if rss > soft:
+                return GradcamPlan(
+                    run=False,
+                    body={
                         "status": "skipped",
                         "reason": "memory_pressure",
                         "rss_mb": round(rss, 1),
                         "limit_mb": round(soft, 1),
-                    }
-            inference = engine.run(
-                pixels, class_index=options.class_, score=options.score, gradcam=do_gradcam
-            )
-        # rendering (blend + PNG) needs no model: outside the gate, it overlaps the next invoke
-        render_ms = 0.0
-        if do_gradcam and inference.grid is not None:
-            t1 = timer()
-            overlay = render.overlay_png_base64(photo, inference.grid)
-            render_ms = (timer() - t1) * 1e3
-            gradcam_body = {
-                "status": "ok",
-                "class_index": inference.class_index,
-                "label": info.labels[inference.class_index],
-                "layer": info.layer,
-                "score": inference.score,
-                "grid": np.round(inference.grid, 4).tolist(),
-                "overlay_png": overlay,
-            }
-        order = np.argsort(-inference.probabilities, kind="stable")[: options.top_k]
-        body = {
-            "model": info.as_json(),
-            "predictions": [
-                {
-                    "index": int(i),
-                    "label": info.labels[int(i)],
-                    "probability": round(float(inference.probabilities[i]), 6),
-                }
-                for i in order
-            ],
-            "gradcam": gradcam_body,
-            "timing_ms": {
-                "decode": round(decode_ms, 2),
-                "model": round(inference.model_ms, 2),
-                "gradcam": round(inference.gradcam_ms + render_ms, 2),
-                "total": round((timer() - started) * 1e3, 2),
-            },
+                    },
+                )
+        return GradcamPlan(run=True, body={"status": "ok"})
+
+    def gradcam_body(
+        self, plan: GradcamPlan, inference: Inference, photo: Image.Image, info: ModelInfo
+    ) -> dict[str, Any]:
+        """The ``gradcam`` object: the plan's note, or the grid and its overlay (rendered here)."""
+        if not plan.run or inference.grid is None:
+            return plan.body
+        return {
+            "status": "ok",
+            "class_index": inference.class_index,
+            "label": info.labels[inference.class_index],
+            "layer": info.layer,
+            "score": inference.score,
+            "grid": np.round(inference.grid, 4).tolist(),
+            "overlay_png": render.overlay_png_base64(photo, inference.grid),
         }
-        return Prediction(body=body, class_index=inference.class_index, gradcam_status=gradcam_body["status"])
+
+
+def answer_body(
+    info: ModelInfo,
+    inference: Inference,
+    gradcam_body: dict[str, Any],
+    *,
+    top_k: int,
+    timing_ms: dict[str, float],
+) -> dict[str, Any]:
+    """The contract's 200 body: model, the ``top_k`` predictions (most probable first), gradcam, timings."""
+    order = np.argsort(-inference.probabilities, kind="stable")[:top_k]
+    return {
+        "model": info.as_json(),
+        "predictions": [
+            {
+                "index": int(i),
+                "label": info.labels[int(i)],
+                "probability": round(float(inference.probabilities[i]), 6),
+            }
+            for i in order
+        ],
+        "gradcam": gradcam_body,
+        "timing_ms": {key: round(value, 2) for key, value in timing_ms.items()},
+    }
 
 
 def _round(value: float | None) -> float | None:

@@ -1,10 +1,13 @@
 """The engine: backbone to feature map, the head to probabilities, its backward pass to Grad-CAM.
 
-Two backends share one interface:
+Two backends share one interface (:class:`Engine`):
 
-- ``litert`` (:class:`LiteRTEngine`): a bundle's backbone in a LiteRT interpreter (XNNPACK) and the
-  head in NumPy. No TensorFlow. The interpreter is not thread-safe: one per engine, under a lock.
-- ``tensorflow`` (:class:`dermal_fn.keras_backend.KerasEngine`): a ``.keras`` file, the reference.
+- ``litert`` (:class:`LiteRTEngine`, here): a bundle's backbone in a LiteRT interpreter (XNNPACK) and
+  the head in NumPy. No TensorFlow. The interpreter is not thread-safe: one per engine, under a lock.
+- ``tensorflow`` (``dermal_fn.keras.reference.KerasEngine``): a Keras file, the reference.
+
+Which one serves a file is decided above both, in :mod:`dermal_fn.serving.engines`. The engine takes
+a class *index*; labels are resolved once, by the caller.
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from dermal_fn import bundle as bundle_format
+from dermal_fn.core import bundle as bundle_format
+from dermal_fn.core.gradcam import grad_cam
+from dermal_fn.core.head import Head, Score
+from dermal_fn.core.imaging import InputScale
 from dermal_fn.errors import BundleError
-from dermal_fn.gradcam import grad_cam
-from dermal_fn.head import Head, Score
-from dermal_fn.imaging import InputScale
-from dermal_fn.options import class_index
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +78,19 @@ class Engine:
         """The Grad-CAM layer's output for one preprocessed input: (1, h, w, c)."""
         raise NotImplementedError
 
-    def resolve_class(self, value: int | str | None, probabilities: np.ndarray) -> int:
-        """A class given as index or label (None: the most probable) as an index."""
-        if value is None:
+    def resolve_class(self, class_index: int | None, probabilities: np.ndarray) -> int:
+        """The class to explain: ``class_index``, or the most probable when None."""
+        if class_index is None:
             return int(np.argmax(probabilities))
-        return class_index(value, self.info.labels)
+        if not 0 <= class_index < len(self.info.labels):
+            raise ValueError(f"expected a class index 0..{len(self.info.labels) - 1}, found {class_index}")
+        return int(class_index)
 
     def run(
         self,
         pixels: np.ndarray,
         *,
-        class_index: int | str | None = None,
+        class_index: int | None = None,
         score: Score = "logit",
         gradcam: bool = True,
     ) -> Inference:
@@ -220,26 +224,3 @@ def _compiled_model(path: str | Path, *, num_threads: int, weight_cache: Path) -
         with contextlib.suppress(OSError):
             building.unlink()
     return model
-
-
-def is_keras_file(path: str | Path) -> bool:
-    """True for a Keras v3 ``.keras`` archive (a zip with config.json)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = set(z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return "config.json" in names and not bundle_format.is_bundle(path)
-
-
-def load_engine(path: str | Path, *, sha256: str, num_threads: int = 1) -> Engine:
-    """Open a bundle with LiteRT, or a ``.keras`` file with the TensorFlow backend."""
-    if bundle_format.is_bundle(path):
-        return LiteRTEngine(path, sha256=sha256, num_threads=num_threads)
-    if is_keras_file(path):
-        from dermal_fn.keras_backend import KerasEngine
-
-        return KerasEngine(path, sha256=sha256)
-    raise BundleError(f"expected a dermal-fn bundle or a .keras file, found neither at {Path(path).name}")

@@ -1,0 +1,45 @@
+"""The one place that picks an engine for a model file: a bundle → LiteRT, a Keras file → TensorFlow.
+
+The TensorFlow reference (:mod:`dermal_fn.keras.reference`) is imported only when the file is a Keras
+model, so serving a bundle never loads TensorFlow (≈530 MB).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from dermal_fn.core import bundle as bundle_format
+from dermal_fn.core.engine import Engine, LiteRTEngine
+from dermal_fn.errors import BundleError
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_keras_file(path: str | Path) -> bool:
+    """True for what Keras saves a model as: a ``.keras`` zip, an HDF5 ``.h5`` file, a SavedModel folder."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "saved_model.pb").is_file()
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) == HDF5_SIGNATURE:
+                return True
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return "config.json" in names and not bundle_format.is_bundle(path)
+
+
+def load_engine(path: str | Path, *, sha256: str, num_threads: int = 1) -> Engine:
+    """Open a bundle with LiteRT, or a Keras file with the TensorFlow reference backend."""
+    if Path(path).is_file() and bundle_format.is_bundle(path):
+        return LiteRTEngine(path, sha256=sha256, num_threads=num_threads)
+    if is_keras_file(path):
+        from dermal_fn.keras.reference import KerasEngine
+
+        return KerasEngine(path, sha256=sha256)
+    raise BundleError(
+        f"expected a dermal-fn bundle or a Keras model (.keras, .h5, SavedModel), found neither at {Path(path).name}"
+    )

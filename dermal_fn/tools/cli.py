@@ -1,0 +1,144 @@
+"""Command line: ``python -m dermal_fn export|predict|compare ...``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dermal_fn.errors import DermalError
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dermal_fn.keras.export import export_keras
+    from dermal_fn.tools.folders import calibration_images
+
+    if args.calibration is not None and args.quantize != "int8":
+        logging.getLogger("dermal_fn").warning(
+            "--calibration is used by --quantize int8 only; ignored for %s", args.quantize
+        )
+
+    def calibration(size: tuple[int, int]) -> list[np.ndarray]:
+        return calibration_images(args.calibration, size, args.input_scale, resize=args.resize)
+
+    export_keras(
+        args.model,
+        args.out,
+        labels=args.labels,
+        layer=args.layer,
+        quantize=args.quantize,
+        calibration=calibration,
+        input_scale=args.input_scale,
+        resize=args.resize,
+        name=args.name,
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from dermal_fn.serving.config import Settings
+    from dermal_fn.serving.options import PredictOptions
+    from dermal_fn.serving.service import Service
+
+    settings = dataclasses.replace(Settings.from_env(), model_uri=args.model)
+    if args.no_gradcam:
+        settings = dataclasses.replace(settings, enable_gradcam=False)
+    options = PredictOptions.parse(
+        {
+            "top_k": args.top_k,
+            "class": args.class_,
+            "score": args.score,
+            "gradcam": False if args.no_gradcam else None,
+        }
+    )
+    image = Path(args.image).read_bytes()
+    body = Service(settings).predict(image, options).body
+    if args.overlay and body["gradcam"].get("status") == "ok":
+        Path(args.overlay).write_bytes(base64.b64decode(body["gradcam"]["overlay_png"]))
+    json.dump(body, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from dermal_fn.tools.compare import main as compare_main
+
+    return compare_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    parser = argparse.ArgumentParser(prog="python -m dermal_fn", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="turn a Keras classifier into a serving bundle")
+    export.add_argument("model", help="the .keras file")
+    export.add_argument("--out", required=True, help="the bundle file to write")
+    export.add_argument("--labels", help="labels file, one per line (default class_0, class_1, ...)")
+    export.add_argument("--layer", help="Grad-CAM layer (default: the last layer with a 4-D output)")
+    export.add_argument("--quantize", default="none", choices=["none", "fp16", "int8-dynamic", "int8"])
+    export.add_argument("--calibration", help="folder of images for --quantize int8")
+    export.add_argument(
+        "--input-scale",
+        default="raw",
+        choices=["raw", "unit", "symmetric"],
+        help="what the model expects: raw 0-255 (default), unit 0-1, symmetric -1..1",
+    )
+    export.add_argument("--resize", default="bilinear", choices=["bilinear", "nearest", "bicubic", "area"])
+    export.add_argument("--name", help="model name in the bundle (default: the file's stem)")
+    export.set_defaults(run=_export)
+
+    predict = commands.add_parser("predict", help="print the JSON that POST /predict returns")
+    predict.add_argument("model", help="a bundle, a .keras file or a gs:// URI")
+    predict.add_argument("image")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--class", dest="class_", help="class index or label for Grad-CAM")
+    predict.add_argument("--score", default="logit", choices=["logit", "probability"])
+    predict.add_argument("--no-gradcam", action="store_true")
+    predict.add_argument("--overlay", help="also write the overlay PNG here")
+    predict.set_defaults(run=_predict)
+
+    compare = commands.add_parser("compare", help="quantization report: BASE vs OTHER on a folder of images")
+    compare.add_argument("base")
+    compare.add_argument("other")
+    compare.add_argument("--images", required=True, help="folder of images")
+    compare.add_argument("--min-agreement", type=float, help="fail (exit 1) below this top-1 agreement")
+    compare.add_argument(
+        "--min-heatmap-r", type=float, help="fail (exit 1) below this mean heatmap Pearson r"
+    )
+    compare.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    compare.add_argument("--limit", type=int, default=200, help="at most this many images")
+    compare.add_argument(
+        "--threads", type=int, default=1, help="LiteRT threads for both models (default 1, as on 0.5 CPU)"
+    )
+    compare.set_defaults(run=_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; errors are one clear line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args))
+    except (DermalError, OSError) as exc:
+        logging.getLogger("dermal_fn").error("error: %s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Folders of images as model inputs (int8 calibration today): read with the core's decoder, no TensorFlow.
+
+A folder is read in sorted order; files that are not usable images are left out, counted and named
+in one warning; too few usable images is an :class:`ExportError` that says what the folder held.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from dermal_fn.core.imaging import InputScale, decode, model_input
+from dermal_fn.errors import ExportError, InvalidImage, UnsupportedMediaType
+
+logger = logging.getLogger(__name__)
+
+MIN_CALIBRATION_IMAGES = 8
+MAX_CALIBRATION_FILES = 10_000  # files looked at before giving up on a folder
+
+
+def calibration_images(
+    folder: str | Path | None,
+    size: tuple[int, int],
+    scale: InputScale,
+    *,
+    limit: int = 100,
+    resize: str = "bilinear",
+) -> list[np.ndarray]:
+    """Model inputs from a folder of images, for int8 calibration; generated ones when none is given.
+
+    Files that are not decodable images, blank (one colour) images and images under an eighth of the
+    model's input side are left out and counted; fewer than ``MIN_CALIBRATION_IMAGES`` usable images
+    is an :class:`ExportError` naming what the folder held instead.
+    """
+    if folder is None:
+        logger.warning(
+            "no --calibration folder given: calibrating int8 on generated images; "
+            "pass a folder of real photos for a faithful int8 model"
+        )
+        return _generated_calibration(size, scale, count=min(limit, 64))
+    root = Path(folder)
+    if not root.is_dir():
+        found = "nothing" if not root.exists() else "a file"
+        raise ExportError(f"expected --calibration to be a folder of images, found {found} at {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ExportError(f"expected --calibration folder {root} to hold images, found an empty folder")
+    inputs: list[np.ndarray] = []
+    rejected: dict[str, list[str]] = {}  # reason -> file names
+    for path in files[:MAX_CALIBRATION_FILES]:
+        problem, pixels = _calibration_input(path, size=size, scale=scale, resize=resize)
+        if problem is not None:
+            rejected.setdefault(problem, []).append(path.name)
+            continue
+        assert pixels is not None
+        inputs.append(pixels)
+        if len(inputs) >= limit:
+            break
+    summary = "; ".join(
+        f"{len(names)} {reason} (e.g. {names[0]})" for reason, names in sorted(rejected.items())
+    )
+    if len(inputs) < MIN_CALIBRATION_IMAGES:
+        raise ExportError(
+            f"expected at least {MIN_CALIBRATION_IMAGES} usable images in calibration folder {root}, "
+            f"found {len(inputs)} of {len(files)} files" + (f": {summary}" if summary else "")
+        )
+    if rejected:
+        logger.warning("calibration: left out %s", summary)
+    return inputs
+
+
+def _calibration_input(
+    path: Path, *, size: tuple[int, int], scale: InputScale, resize: str
+) -> tuple[str | None, np.ndarray | None]:
+    """(None, model input) for a usable calibration image, else (the reason, None)."""
+    try:
+        decoded = decode(path.read_bytes(), min_side=max(size))
+    except UnsupportedMediaType:
+        return "files of an unsupported image type", None
+    except InvalidImage:
+        return "files that are not decodable images", None
+    except OSError:
+        return "unreadable files", None
+    rgb = np.asarray(decoded.rgb)
+    if min(decoded.rgb.size) < max(1, min(size) // 8):
+        return f"images smaller than {max(1, min(size) // 8)} px on a side", None
+    if int(rgb.max()) - int(rgb.min()) < 2:
+        return "blank (one-colour) images", None
+    return None, model_input(decoded.rgb, size=size, scale=scale, resize=resize)
+
+
+def _generated_calibration(size: tuple[int, int], scale: InputScale, *, count: int) -> list[np.ndarray]:
+    from PIL import Image
+
+    from dermal_fn.demo import synth
+
+    images, _, _ = synth.generate_batch(count, seed=1234, size=max(size))
+    return [model_input(Image.fromarray(img, mode="RGB"), size=size, scale=scale) for img in images]
