@@ -8,6 +8,7 @@ transfer-learning shape ``Sequential([EfficientNetV2S(include_top=False), GAP, D
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,90 +157,130 @@ def activation_name(fn: Any) -> tuple[str, dict[str, Any]]:
     return ("silu" if name == "swish" else name), {}
 
 
+def _refusal(layer: Any, why: str) -> UnsupportedLayer:
+    return UnsupportedLayer(
+        f"layer {layer.name!r} ({type(layer).__name__}) cannot be served by the NumPy head: {why}"
+    )
+
+
+def _array(variable: Any) -> np.ndarray:
+    return np.asarray(variable.numpy(), dtype=np.float64)
+
+
+def _checked_activation(layer: Any) -> tuple[str, dict[str, Any]]:
+    act, params = activation_name(layer.activation)
+    if act not in ELEMENTWISE_ACTIVATIONS and act != "softmax":
+        raise _refusal(layer, f"expected a supported activation, found {act!r}")
+    return act, params
+
+
+def _last_axis(layer: Any, axes: Any) -> None:
+    rank = len(layer.input.shape)
+    if tuple(np.atleast_1d(axes)) not in ((-1,), (rank - 1,)):
+        raise _refusal(layer, f"expected normalisation over the last axis, found axis={layer.axis}")
+
+
+def _identity(layer: Any) -> list[Op]:
+    return [Op("identity", layer.name)]
+
+
+def _global_pool(layer: Any) -> list[Op]:
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise _refusal(layer, "expected data_format channels_last")
+    kind = "global_average_pool" if type(layer).__name__ == "GlobalAveragePooling2D" else "global_max_pool"
+    return [Op(kind, layer.name, {"keepdims": bool(getattr(layer, "keepdims", False))})]
+
+
+def _flatten(layer: Any) -> list[Op]:
+    return [Op("flatten", layer.name)]
+
+
+def _dense(layer: Any) -> list[Op]:
+    act, params = _checked_activation(layer)
+    if getattr(layer, "lora_enabled", False):
+        raise _refusal(layer, "expected a plain Dense, found LoRA enabled")
+    arrays = {"kernel": _array(layer.kernel)}
+    if layer.use_bias:
+        arrays["bias"] = _array(layer.bias)
+    if act == "softmax":
+        return [
+            Op("dense", layer.name, {"activation": "linear"}, arrays),
+            Op("activation", f"{layer.name}_softmax", {"activation": "softmax"}),
+        ]
+    return [Op("dense", layer.name, {"activation": act, **params}, arrays)]
+
+
+def _activation(layer: Any) -> list[Op]:
+    act, params = _checked_activation(layer)
+    return [Op("activation", layer.name, {"activation": act, **params})]
+
+
+def _relu(layer: Any) -> list[Op]:
+    params = {
+        "negative_slope": float(layer.negative_slope),
+        "threshold": float(layer.threshold),
+        "max_value": None if layer.max_value is None else float(layer.max_value),
+    }
+    return [Op("activation", layer.name, {"activation": "relu", **params})]
+
+
+def _leaky_relu(layer: Any) -> list[Op]:
+    slope = float(getattr(layer, "negative_slope", getattr(layer, "alpha", 0.3)))
+    return [Op("activation", layer.name, {"activation": "leaky_relu", "negative_slope": slope})]
+
+
+def _softmax(layer: Any) -> list[Op]:
+    if tuple(np.atleast_1d(layer.axis)) != (-1,):
+        raise _refusal(layer, f"expected softmax over the last axis, found axis={layer.axis}")
+    return [Op("activation", layer.name, {"activation": "softmax"})]
+
+
+def _batch_norm(layer: Any) -> list[Op]:
+    _last_axis(layer, layer.axis if isinstance(layer.axis, int) else layer.axis[0])
+    mean, var = _array(layer.moving_mean), _array(layer.moving_variance)
+    gamma = _array(layer.gamma) if layer.scale else np.ones_like(mean)
+    beta = _array(layer.beta) if layer.center else np.zeros_like(mean)
+    scale = gamma / np.sqrt(var + float(layer.epsilon))
+    return [Op("affine", layer.name, {}, {"scale": scale, "offset": beta - mean * scale})]
+
+
+def _layer_norm(layer: Any) -> list[Op]:
+    _last_axis(layer, layer.axis)
+    if getattr(layer, "rms_scaling", False):
+        raise _refusal(layer, "expected rms_scaling=False")
+    arrays = {}
+    if layer.scale:
+        arrays["gamma"] = _array(layer.gamma)
+    if layer.center:
+        arrays["beta"] = _array(layer.beta)
+    return [Op("layer_norm", layer.name, {"epsilon": float(layer.epsilon)}, arrays)]
+
+
+# Keras layer class name -> its NumPy head ops (the head's own ops are tables too: head._FORWARD)
+LAYER_TRANSLATORS: dict[str, Callable[[Any], list[Op]]] = {
+    **dict.fromkeys(IDENTITY_LAYERS, _identity),
+    "GlobalAveragePooling2D": _global_pool,
+    "GlobalMaxPooling2D": _global_pool,
+    "Flatten": _flatten,
+    "Dense": _dense,
+    "Activation": _activation,
+    "ReLU": _relu,
+    "LeakyReLU": _leaky_relu,
+    "Softmax": _softmax,
+    "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
+}
+
+
 def layer_to_ops(layer: Any) -> list[Op]:
     """Translate one Keras layer into NumPy head ops, or refuse with UnsupportedLayer."""
-    kind = type(layer).__name__
-    name = str(layer.name)
-
-    def refuse(why: str) -> UnsupportedLayer:
-        return UnsupportedLayer(f"layer {name!r} ({kind}) cannot be served by the NumPy head: {why}")
-
-    if kind in IDENTITY_LAYERS:
-        return [Op("identity", name)]
-    if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
-        if getattr(layer, "data_format", "channels_last") != "channels_last":
-            raise refuse("expected data_format channels_last")
-        op = "global_average_pool" if kind == "GlobalAveragePooling2D" else "global_max_pool"
-        return [Op(op, name, {"keepdims": bool(getattr(layer, "keepdims", False))})]
-    if kind == "Flatten":
-        return [Op("flatten", name)]
-    if kind == "Dense":
-        act, params = activation_name(layer.activation)
-        if act not in ELEMENTWISE_ACTIVATIONS and act != "softmax":
-            raise refuse(f"expected a supported activation, found {act!r}")
-        arrays = {"kernel": np.asarray(layer.kernel.numpy(), dtype=np.float64)}
-        if layer.use_bias:
-            arrays["bias"] = np.asarray(layer.bias.numpy(), dtype=np.float64)
-        if getattr(layer, "lora_enabled", False):
-            raise refuse("expected a plain Dense, found LoRA enabled")
-        if act == "softmax":
-            return [
-                Op("dense", name, {"activation": "linear"}, arrays),
-                Op("activation", f"{name}_softmax", {"activation": "softmax"}),
-            ]
-        return [Op("dense", name, {"activation": act, **params}, arrays)]
-    if kind == "Activation":
-        act, params = activation_name(layer.activation)
-        if act not in ELEMENTWISE_ACTIVATIONS and act != "softmax":
-            raise refuse(f"expected a supported activation, found {act!r}")
-        return [Op("activation", name, {"activation": act, **params})]
-    if kind == "ReLU":
-        params = {
-            "negative_slope": float(layer.negative_slope),
-            "threshold": float(layer.threshold),
-            "max_value": None if layer.max_value is None else float(layer.max_value),
-        }
-        return [Op("activation", name, {"activation": "relu", **params})]
-    if kind == "LeakyReLU":
-        return [
-            Op(
-                "activation",
-                name,
-                {"activation": "leaky_relu", "negative_slope": float(layer.negative_slope)},
-            )
-        ]
-    if kind == "Softmax":
-        if tuple(np.atleast_1d(layer.axis)) not in ((-1,),):
-            raise refuse(f"expected softmax over the last axis, found axis={layer.axis}")
-        return [Op("activation", name, {"activation": "softmax"})]
-    if kind == "BatchNormalization":
-        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-        rank = len(layer.input.shape)
-        if axis not in (-1, rank - 1):
-            raise refuse(f"expected normalisation over the last axis, found axis={layer.axis}")
-        mean = np.asarray(layer.moving_mean.numpy(), dtype=np.float64)
-        var = np.asarray(layer.moving_variance.numpy(), dtype=np.float64)
-        gamma = np.asarray(layer.gamma.numpy(), dtype=np.float64) if layer.scale else np.ones_like(mean)
-        beta = np.asarray(layer.beta.numpy(), dtype=np.float64) if layer.center else np.zeros_like(mean)
-        scale = gamma / np.sqrt(var + float(layer.epsilon))
-        return [Op("affine", name, {}, {"scale": scale, "offset": beta - mean * scale})]
-    if kind == "LayerNormalization":
-        axes = tuple(np.atleast_1d(layer.axis))
-        rank = len(layer.input.shape)
-        if axes not in ((-1,), (rank - 1,)):
-            raise refuse(f"expected normalisation over the last axis, found axis={layer.axis}")
-        if getattr(layer, "rms_scaling", False):
-            raise refuse("expected rms_scaling=False")
-        arrays = {}
-        if layer.scale:
-            arrays["gamma"] = np.asarray(layer.gamma.numpy(), dtype=np.float64)
-        if layer.center:
-            arrays["beta"] = np.asarray(layer.beta.numpy(), dtype=np.float64)
-        return [Op("layer_norm", name, {"epsilon": float(layer.epsilon)}, arrays)]
-    raise refuse(
-        "supported head layers are GlobalAveragePooling2D, GlobalMaxPooling2D, Flatten, Dropout, Dense, "
-        "Activation, ReLU, LeakyReLU, Softmax, BatchNormalization and LayerNormalization"
-    )
+    translate = LAYER_TRANSLATORS.get(type(layer).__name__)
+    if translate is None:
+        supported = ", ".join(sorted(set(LAYER_TRANSLATORS) - IDENTITY_LAYERS))
+        raise _refusal(
+            layer, f"supported head layers are {supported}, Dropout and other inference-time identities"
+        )
+    return translate(layer)
 
 
 def build_head(split_: Split) -> Head:
