@@ -6,13 +6,15 @@
     │   ├── InvalidImage          the bytes are not a decodable image (or a decompression bomb)
     │   ├── UnsupportedMediaType  a type we do not decode (SVG, HEIC, PDF, ...)
     │   ├── PayloadTooLarge       the body is over MAX_UPLOAD_MB
+    │   │   └── ImageTooLarge     the image would decode to more bytes than the budget (MAX_DECODE_MB)
     │   ├── InvalidOption         top_k, class, score or gradcam out of range or of the wrong type
     │   ├── MethodNotAllowed      a route asked with the wrong method
     │   ├── NotFound              no such route
     │   └── Unauthorized          API_KEY is set and the bearer token is missing or wrong
     ├── ServiceUnavailable        try again later (HTTP 503 with Retry-After)
-    │   ├── ModelUnavailable      the model could not be fetched or loaded
-    │   └── Overloaded            the inference queue is full
+    │   ├── ModelUnavailable      the model could not be fetched or loaded (or is still loading)
+    │   ├── Overloaded            the inference queue is full
+    │   └── InsufficientMemory    decoding this image now would not fit in the memory left
     ├── ConfigError               an environment variable has a value we cannot use
     ├── BundleError               a bundle file is malformed or of an unknown version
     └── ExportError               a Keras model cannot be exported faithfully
@@ -47,6 +49,10 @@ class UnsupportedMediaType(RequestError):
 
 class PayloadTooLarge(RequestError):
     """The body is larger than MAX_UPLOAD_MB."""
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """The image would decode to more bytes than the decode budget allows."""
 
 
 class InvalidOption(RequestError):
@@ -85,6 +91,12 @@ class Overloaded(ServiceUnavailable):
     """The inference queue is full."""
 
     retry_after_s = 2
+
+
+class InsufficientMemory(ServiceUnavailable):
+    """Decoding this image now would not fit in the memory the container has left."""
+
+    retry_after_s = 5
 
 
 class ConfigError(DermalError):

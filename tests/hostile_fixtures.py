@@ -151,6 +151,40 @@ _INVERSE = {
 }
 
 
+# the uploads of issue 11's table: small files that decode big (6000x4000 is 24 MP, the pixel limit)
+EXPANDING_SIZE = (6000, 4000)
+PANORAMA_SIZE = (65_500, 729)
+
+
+def _spot(array: np.ndarray, value: Any) -> np.ndarray:
+    """A flat image with one filled square off-centre: compresses to almost nothing, yet has content."""
+    h, w = array.shape[:2]
+    array[h // 3 : h // 3 + h // 5, w // 2 : w // 2 + h // 5] = value
+    return array
+
+
+@functools.cache
+def expanding_images() -> dict[str, bytes]:
+    """Each row of the table: a few KB to MB on the wire, hundreds of MB if decoded naively.
+
+    ``grey16_png``, ``rgba_png``, ``float_tiff`` are 6000x4000 (24 MP); ``cmyk_jpeg`` and
+    ``rgb_jpeg`` are 65500x729 panoramas (47.7 MP, JPEG's 4x allowance over the pixel limit).
+    """
+    w, h = EXPANDING_SIZE
+    grey16 = _spot(np.full((h, w), 9000, dtype=np.uint16), 52000)
+    rgba = _spot(np.full((h, w, 4), (200, 160, 140, 255), dtype=np.uint8), (90, 40, 30, 128))
+    floats = _spot(np.full((h, w), 180.5, dtype=np.float32), 20.25)
+    pw, ph = PANORAMA_SIZE
+    panorama = _spot(np.full((ph, pw, 3), (205, 170, 150), dtype=np.uint8), (80, 45, 35))
+    return {
+        "grey16_png": encode(Image.fromarray(grey16), "PNG"),
+        "rgba_png": encode(Image.fromarray(rgba, mode="RGBA"), "PNG"),
+        "float_tiff": encode(Image.fromarray(floats, mode="F"), "TIFF", compression="tiff_adobe_deflate"),
+        "cmyk_jpeg": encode(Image.fromarray(panorama, mode="RGB").convert("CMYK"), "JPEG", quality=80),
+        "rgb_jpeg": encode(Image.fromarray(panorama, mode="RGB"), "JPEG", quality=80),
+    }
+
+
 def exif_rotated(upright: Image.Image, *, orientation: int, fmt: str = "JPEG") -> bytes:
     """``upright`` stored the way a camera would, with an EXIF Orientation tag that restores it."""
     viewer = VIEWER_TRANSPOSE[orientation]

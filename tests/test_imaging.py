@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dermal_fn.core import imaging
-from dermal_fn.errors import InvalidImage, UnsupportedMediaType
+from dermal_fn.errors import ImageTooLarge, InsufficientMemory, InvalidImage, UnsupportedMediaType
 from tests import hostile_fixtures as hf
 
 ODD = hf.odd_valid_images()
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -153,3 +159,132 @@ def test_large_jpeg_is_decoded_reduced_but_not_below_min_side() -> None:
     decoded = imaging.decode(ODD["jpeg_large_draft"], min_side=512)
     assert decoded.original_size == (1600, 1600)
     assert 512 <= min(decoded.rgb.size) < 1600
+
+
+# --- uploads built to expand (issue 11's table), each decoded in a fresh process ------------------------
+
+PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+from dermal_fn.core import imaging
+from dermal_fn.errors import DermalError
+
+
+def hwm_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+
+data = Path(sys.argv[1]).read_bytes()
+imaging.decode(Path(sys.argv[2]).read_bytes())  # plugins loaded, allocator warm
+before = hwm_mb()
+outcome = "decoded"
+if sys.argv[3] == "naive":  # what the seed did: decode at full size, convert, float copies
+    import numpy as np
+    from PIL import Image
+    import io
+    image = Image.open(io.BytesIO(data)); image.load()
+    array = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+else:
+    try:
+        decoded = imaging.decode(data, min_side=384)
+        size = decoded.rgb.size
+    except DermalError as exc:
+        outcome = type(exc).__name__
+print(json.dumps({"outcome": outcome, "peak_mb": hwm_mb() - before}))
+"""
+
+
+def decode_peak(tmp_path: Path, data: bytes, *, how: str = "ours") -> dict[str, Any]:
+    """Decode ``data`` in a fresh Python; its outcome and the peak RSS it added (VmHWM, MB)."""
+    upload, warmup = tmp_path / "upload.bin", tmp_path / "warmup.png"
+    upload.write_bytes(data)
+    warmup.write_bytes(hf.png(size=64))
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(upload), str(warmup), how],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# the decoder's buffer for each (Pillow's bytes per pixel) and what the decoder must answer
+EXPANDING = {
+    "grey16_png": (6000 * 4000 * 2, "decoded"),
+    "rgba_png": (6000 * 4000 * 4, "decoded"),
+    "float_tiff": (6000 * 4000 * 4, "decoded"),
+    "cmyk_jpeg": (65_500 * 729 * 4, "ImageTooLarge"),  # no JPEG draft keeps 729 px near 384: 191 MB
+    "rgb_jpeg": (65_500 * 729 * 4, "ImageTooLarge"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPANDING))
+def test_expanding_upload_stays_within_its_buffer(tmp_path: Path, name: str) -> None:
+    buffer_bytes, expected = EXPANDING[name]
+    result = decode_peak(tmp_path, hf.expanding_images()[name])
+    assert result["outcome"] == expected
+    if expected == "decoded":
+        # the decoder's own buffer, and little else: no full-size conversions or float copies
+        assert result["peak_mb"] <= buffer_bytes / 2**20 * 1.15 + 12, result
+    else:
+        assert result["peak_mb"] < 8, result  # refused from the header: nothing decoded
+
+
+def test_the_peak_harness_sees_a_naive_decode(tmp_path: Path) -> None:
+    """The oracle for the bounds above: the seed's way of decoding the same RGBA upload peaks far higher."""
+    naive = decode_peak(tmp_path, hf.expanding_images()["rgba_png"], how="naive")
+    ours = decode_peak(tmp_path, hf.expanding_images()["rgba_png"])
+    assert naive["peak_mb"] > 3 * ours["peak_mb"], (naive, ours)
+
+
+@pytest.mark.parametrize("name", ["grey16_png", "rgba_png", "float_tiff"])
+def test_expanding_uploads_decode_to_what_they_show(name: str) -> None:
+    """Reduced before conversion, the picture is still the picture: a flat background, one flat square."""
+    decoded = imaging.decode(hf.expanding_images()[name], min_side=384)
+    assert decoded.original_size == hf.EXPANDING_SIZE
+    assert min(decoded.rgb.size) >= 384 and max(decoded.rgb.size) <= 600
+    grey = np.asarray(decoded.rgb.convert("L"), dtype=np.float64)
+    h, w = grey.shape
+    inside = grey[h // 3 + 5 : h // 3 + h // 5 - 5, w // 2 + 5 : w // 2 + h // 5 - 5]
+    outside = grey[: h // 4, : w // 4]
+    assert inside.std() < 2 and outside.std() < 2
+    assert abs(inside.mean() - outside.mean()) > 10
+
+
+def test_decode_budget_and_headroom_are_separate_answers() -> None:
+    data = hf.expanding_images()["rgba_png"]
+    with pytest.raises(ImageTooLarge, match="decodes to at most 64 MB, found 6000x4000 RGBA"):
+        imaging.decode(data, max_bytes=64 * 2**20)
+    with pytest.raises(InsufficientMemory, match="retry shortly"):
+        imaging.decode(data, available_bytes=50 * 2**20)
+    assert imaging.decode(data, available_bytes=200 * 2**20).rgb.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "expected"),
+    [
+        ((10, 10), "L", 100),
+        ((10, 10), "P", 100),
+        ((10, 10), "I;16", 200),
+        ((10, 10), "RGB", 400),
+        ((10, 10), "F", 400),
+    ],
+)
+def test_decoded_bytes_is_pillows_storage(size: tuple[int, int], mode: str, expected: int) -> None:
+    assert imaging.decoded_bytes(size, mode) == expected
+    assert len(Image.new(mode, size).tobytes()) <= expected  # never under what Pillow hands out
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_reducing_in_strips_equals_pillows_reduce(mode: str) -> None:
+    rng = np.random.default_rng(3)
+    bands = 4 if mode == "RGBA" else 2
+    image = Image.fromarray(rng.integers(0, 256, (301, 450, bands), dtype=np.uint8), mode=mode)
+    strips = imaging._reduce_in_strips(image, 3, strip_bytes=20_000)  # many strips
+    np.testing.assert_array_equal(np.asarray(strips), np.asarray(image.crop((0, 0, 450, 300)).reduce(3)))

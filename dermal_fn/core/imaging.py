@@ -1,6 +1,9 @@
-"""Image decoding: sniff the type, refuse bombs from the header, decode small, orient, make RGB.
+"""Image decoding: sniff the type, refuse bombs from the header, budget the bytes, decode small, orient, make RGB.
 
-Everything happens in memory; nothing here writes a file or logs image content.
+Memory is bounded before any pixel is decoded: the header's pixel count, then the decoder's buffer
+in bytes (width x height x Pillow's bytes per pixel), against a budget and the caller's headroom.
+Everything after the decode works on a reduced copy. Everything happens in memory; nothing here
+writes a file or logs image content.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from dermal_fn.errors import InvalidImage, UnsupportedMediaType
+from dermal_fn.errors import ImageTooLarge, InsufficientMemory, InvalidImage, UnsupportedMediaType
 
 InputScale = Literal["raw", "unit", "symmetric"]
 INPUT_SCALES: tuple[InputScale, ...] = ("raw", "unit", "symmetric")
@@ -28,6 +31,12 @@ RESIZE_METHODS: dict[str, Image.Resampling] = {
 
 DECODABLE = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 24_000_000
+MIB = 1024 * 1024
+# the decoder's buffer at its largest: 24 MP in RGB/RGBA/float (four bytes a pixel in Pillow)
+DEFAULT_MAX_DECODE_BYTES = 100 * MIB
+# peak of a decode over its buffer: the full buffer, its reduced copy, the conversions of that copy
+DECODE_WORK_FACTOR = 1.5
+EXIF_ORIENTATION = 0x0112
 JPEG_PIXEL_FACTOR = 4
 DRAFT_SLACK = 0.95
 # decode at least this large, so the overlay has a useful resolution
@@ -42,7 +51,8 @@ class DecodedImage:
 
     rgb: Image.Image
     format: str
-    original_size: tuple[int, int]  # (width, height) as stored, before draft reduction
+    original_size: tuple[int, int]  # (width, height) as stored, before any reduction
+    decoded_bytes: int  # what the decoder's buffer held at its largest (the byte budget's measure)
 
 
 def sniff(data: bytes) -> str:
@@ -90,13 +100,23 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def decode(
-    data: bytes, *, min_side: int = DISPLAY_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    *,
+    min_side: int = DISPLAY_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    available_bytes: int | None = None,
 ) -> DecodedImage:
-    """Decode bytes to an RGB image, refusing bombs before decoding pixels.
+    """Decode bytes to an RGB image within a byte budget, refusing bombs before decoding pixels.
 
-    Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale with ``Image.draft`` (the shorter side stays
-    at least ``DRAFT_SLACK`` x ``min_side``); EXIF orientation is applied; any mode becomes 8-bit RGB; animated images
-    give their first frame.
+    In order: the header's pixel count against ``max_pixels`` (a bomb: InvalidImage); a JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``, the shorter side staying at least
+    ``DRAFT_SLACK`` x ``min_side``); the decoder's buffer, width x height x bytes per pixel of the
+    mode, against ``max_bytes`` (ImageTooLarge, 413) and, when given, against ``available_bytes``
+    of memory headroom (InsufficientMemory, 503: try again); then the pixels are decoded and at once
+    reduced by a whole factor while the shorter side stays at least ``min_side``. EXIF orientation,
+    16-bit, float, alpha and CMYK are all handled on that reduced copy only, in integer or float32
+    arithmetic; animated images give their first frame.
     """
     kind = sniff(data)
     try:
@@ -104,23 +124,23 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[kind])
             width, height = image.size
-            if width < 1 or height < 1:
-                raise InvalidImage(f"expected a non-empty image, found {width}x{height}")
-            # a JPEG is decoded at 1/2..1/8 scale (draft), so it may declare 4x as many pixels
-            allowed = max_pixels * (JPEG_PIXEL_FACTOR if kind == "JPEG" else 1)
-            if width * height > allowed:
-                raise InvalidImage(
-                    f"expected at most {allowed / 1e6:.0f} megapixels, found {width}x{height} "
-                    f"({width * height / 1e6:.0f} MP)"
-                )
+            check_pixels(width, height, kind=kind, max_pixels=max_pixels)
             if kind == "JPEG":
                 reduction = draft_reduction(width, height, min_side=min_side)
                 if reduction > 1:
-                    image.draft("RGB", (-(-width // reduction), -(-height // reduction)))
+                    image.draft(
+                        image.mode if image.mode == "CMYK" else "RGB",
+                        (-(-width // reduction), -(-height // reduction)),
+                    )
+            needed = decoded_bytes(image.size, image.mode)
+            check_budget(image.size, image.mode, needed, max_bytes=max_bytes, available_bytes=available_bytes)
+            orientation = _orientation(image)
             image.load()
-            oriented = ImageOps.exif_transpose(image)
-            rgb = to_rgb(oriented)
-    except (InvalidImage, UnsupportedMediaType):
+            reduced = reduce_to(image, min_side=min_side)
+            if reduced is not image:
+                image.close()  # the full-size buffer goes now, before any conversion
+            rgb = to_rgb(_orient(reduced, orientation))
+    except (InvalidImage, UnsupportedMediaType, ImageTooLarge, InsufficientMemory):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(
@@ -131,7 +151,111 @@ def decode(
         raise InvalidImage(
             f"expected a complete {kind} image, found a damaged one ({type(exc).__name__})"
         ) from exc
-    return DecodedImage(rgb=rgb, format=kind, original_size=(width, height))
+    return DecodedImage(rgb=rgb, format=kind, original_size=(width, height), decoded_bytes=needed)
+
+
+def check_pixels(width: int, height: int, *, kind: str, max_pixels: int) -> None:
+    """Refuse an empty image, or one whose header declares more pixels than allowed (a bomb)."""
+    if width < 1 or height < 1:
+        raise InvalidImage(f"expected a non-empty image, found {width}x{height}")
+    # a JPEG is decoded at 1/2..1/8 scale (draft), so it may declare 4x as many
+    allowed = max_pixels * (JPEG_PIXEL_FACTOR if kind == "JPEG" else 1)
+    if width * height > allowed:
+        raise InvalidImage(
+            f"expected at most {allowed / 1e6:.0f} megapixels, found {width}x{height} "
+            f"({width * height / 1e6:.0f} MP)"
+        )
+
+
+def decoded_bytes(size: tuple[int, int], mode: str) -> int:
+    """What Pillow's buffer for an image of this size and mode holds (its storage, not the mode's bits).
+
+    Pillow keeps "1", "L" and "P" in one byte a pixel, "I;16*" in two, and every other mode
+    (RGB included: RGBX) in four.
+    """
+    width, height = size
+    if mode in ("1", "L", "P"):
+        per_pixel = 1
+    elif mode.startswith("I;16"):
+        per_pixel = 2
+    else:
+        per_pixel = 4
+    return width * height * per_pixel
+
+
+def check_budget(
+    size: tuple[int, int], mode: str, needed: int, *, max_bytes: int, available_bytes: int | None
+) -> None:
+    """ImageTooLarge when the decode needs more than ``max_bytes``; InsufficientMemory beyond the headroom."""
+    width, height = size
+    if needed > max_bytes:
+        raise ImageTooLarge(
+            f"expected an image that decodes to at most {max_bytes / MIB:.0f} MB, found {width}x{height} "
+            f"{mode} ({needed / MIB:.0f} MB); send it smaller or as an 8-bit JPEG"
+        )
+    if available_bytes is not None and needed * DECODE_WORK_FACTOR > available_bytes:
+        raise InsufficientMemory(
+            f"expected {needed * DECODE_WORK_FACTOR / MIB:.0f} MB free to decode {width}x{height} {mode}, "
+            f"found {max(available_bytes, 0) / MIB:.0f} MB; retry shortly"
+        )
+
+
+def reduce_to(image: Image.Image, *, min_side: int) -> Image.Image:
+    """The image reduced by the largest whole factor that keeps its shorter side >= ``min_side``.
+
+    ``Image.reduce`` (box average) where it works in place; in strips for RGBA and LA (Pillow would
+    first make a full-size premultiplied copy); a box resize for "1", "P" and 16-bit (Pillow uses
+    nearest for palettes, so colours stay colours). The same image when no factor fits.
+    """
+    width, height = image.size
+    factor = min(width, height) // max(1, min_side)
+    if factor < 2:
+        return image
+    if image.mode in ("1", "P") or image.mode.startswith("I;16"):
+        size = (max(1, width // factor), max(1, height // factor))
+        return image.resize(size, Image.Resampling.BOX)
+    if image.mode in ("RGBA", "LA"):
+        return _reduce_in_strips(image, factor)
+    return image.reduce(factor)
+
+
+def _reduce_in_strips(image: Image.Image, factor: int, *, strip_bytes: int = 8 * MIB) -> Image.Image:
+    """``image.reduce(factor)`` a band of rows at a time, so the premultiplied copy is one band's."""
+    width, height = image.size
+    out_w, out_h = width // factor, height // factor
+    rows = max(1, strip_bytes // (width * 4 * factor))  # output rows per strip
+    out = Image.new(image.mode, (out_w, out_h))
+    for top in range(0, out_h, rows):
+        bottom = min(out_h, top + rows)
+        band = image.crop((0, top * factor, out_w * factor, bottom * factor))
+        out.paste(band.reduce(factor), (0, top))
+    return out
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1 when absent or unreadable), read before any reduction drops it."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, struct.error):
+        return 1
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
+def _orient(image: Image.Image, orientation: int) -> Image.Image:
+    """Turn the image upright as the EXIF tag says (as ``ImageOps.exif_transpose`` does)."""
+    method = _TRANSPOSE.get(orientation)
+    return image if method is None else image.transpose(method)
 
 
 def draft_reduction(width: int, height: int, *, min_side: int, slack: float = DRAFT_SLACK) -> int:
@@ -149,17 +273,22 @@ def draft_reduction(width: int, height: int, *, min_side: int, slack: float = DR
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: 16-bit scaled down, transparency composited on white."""
+    """Any Pillow mode to 8-bit RGB: 16-bit scaled down, float clipped, transparency composited on white.
+
+    Integer or float32 arithmetic only, on the image as given (the decoder has reduced it already).
+    """
     mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        if mode != "I" or array.max(initial=0) > 255:
-            array = array / 257.0
-        grey = Image.fromarray(np.asarray(np.clip(np.round(array), 0, 255), dtype=np.uint8), mode="L")
-        return grey.convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        array = np.asarray(image)
+        if mode.startswith("I;16") or int(array.max(initial=0)) > 255:
+            wide = np.clip(array, 0, 65535).astype(np.uint32)
+            grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+        else:
+            grey = np.clip(array, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
     if mode == "F":
-        array = np.clip(np.asarray(image, dtype=np.float64), 0, 255)
-        return Image.fromarray(np.asarray(np.round(array), dtype=np.uint8), mode="L").convert("RGB")
+        array = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0.0, 255.0)
+        return Image.fromarray(np.rint(array).astype(np.uint8), mode="L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"

@@ -146,6 +146,12 @@ class Settings:
         _number(0.001),
         "larger images are refused from their header (JPEGs, decoded reduced, may declare 4 × as many)",
     )
+    max_decode_mb: float = setting(
+        "MAX_DECODE_MB",
+        100.0,
+        _number(1.0),
+        "the decoder's buffer at its largest (width × height × bytes per pixel); beyond, 413 before decoding",
+    )
     api_key: str | None = setting(
         "API_KEY", None, _text, "when set, `/predict` and `/memory` need `Authorization: Bearer <key>`"
     )
@@ -187,6 +193,11 @@ class Settings:
     def max_upload_bytes(self) -> int:
         """MAX_UPLOAD_MB in bytes."""
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_decode_bytes(self) -> int:
+        """MAX_DECODE_MB in bytes."""
+        return int(self.max_decode_mb * 1024 * 1024)
 
     @property
     def serves_demo(self) -> bool:

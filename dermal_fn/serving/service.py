@@ -30,6 +30,8 @@ from dermal_fn.serving.options import CheckedOptions, PredictOptions
 logger = logging.getLogger(__name__)
 
 ModelState = Literal["idle", "loading", "loaded", "error"]
+# kept free under the memory limit when deciding whether a decode fits: inference and the overlay
+DECODE_RESERVE_MB = 32.0
 
 
 class ModelHolder:
@@ -313,6 +315,8 @@ class Service:
             image_bytes,
             min_side=max(*info.input_size, imaging.OVERLAY_MIN_SIDE),
             max_pixels=int(self.settings.max_image_megapixels * 1e6),
+            max_bytes=self.settings.max_decode_bytes,
+            available_bytes=self.memory_headroom_bytes(),
         )
         pixels = imaging.model_input(
             decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
@@ -320,6 +324,13 @@ class Service:
         photo = imaging.display_copy(decoded.rgb)
         del decoded  # the largest object of a request
         return DecodedPhoto(pixels=pixels, photo=photo, decode_ms=(timer() - t0) * 1e3)
+
+    def memory_headroom_bytes(self) -> int | None:
+        """Bytes a decode may still use under the container's limit (less a reserve); None without a limit."""
+        limit = self.settings.memory_limit_mb
+        if limit is None:
+            return None
+        return int((limit - memory.rss_mb() - DECODE_RESERVE_MB) * memory.MIB)
 
     def plan_gradcam(self, options: CheckedOptions, *, enable_gradcam: bool | None = None) -> GradcamPlan:
         """Heatmap or not: the operator (ENABLE_GRADCAM, or ``enable_gradcam``), then the request, then memory.
