@@ -10,7 +10,8 @@
     │   ├── InvalidOption         top_k, class, score or gradcam out of range or of the wrong type
     │   ├── MethodNotAllowed      a route asked with the wrong method
     │   ├── NotFound              no such route
-    │   └── Unauthorized          API_KEY is set and the bearer token is missing or wrong
+    │   ├── Unauthorized          API_KEY is set and the bearer token is missing or wrong
+    │   └── RequestTimeout        the body did not arrive within BODY_TIMEOUT_S (a slow client)
     ├── ServiceUnavailable        try again later (HTTP 503 with Retry-After)
     │   ├── ModelUnavailable      the model could not be fetched or loaded (or is still loading)
     │   ├── Overloaded            the inference queue is full
@@ -28,7 +29,15 @@ from __future__ import annotations
 
 
 class DermalError(Exception):
-    """Base of every error raised by dermal_fn."""
+    """Base of every error raised by dermal_fn.
+
+    ``str(exc)`` is what any client may read; ``detail`` (optional) is for the logs and for callers
+    who showed the API key: storage paths, endpoints, the cause's own text.
+    """
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class RequestError(DermalError):
@@ -75,10 +84,19 @@ class Unauthorized(RequestError):
     """A bearer token is required and was missing or wrong."""
 
 
+class RequestTimeout(RequestError):
+    """The request body did not arrive in time (a slow or stalled client)."""
+
+
 class ServiceUnavailable(DermalError):
-    """Temporarily unable to answer; the client should retry."""
+    """Temporarily unable to answer; the client should retry (after ``retry_after_s``)."""
 
     retry_after_s: int = 5
+
+    def __init__(self, message: str, *, detail: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, detail=detail)
+        if retry_after_s is not None:
+            self.retry_after_s = max(1, int(retry_after_s))
 
 
 class ModelUnavailable(ServiceUnavailable):

@@ -12,6 +12,7 @@ Exceptions:
     ├── InvalidModelUri         not a local path, a file:// URI nor gs://bucket/object
     ├── ModelNotFound           no such file, bucket, object or object generation
     ├── ChecksumMismatch        size, crc32c or the sha256 pin disagree (or a hash is missing)
+    ├── ModelTooLarge           over the caller's max_bytes (refused before it is read)
     └── StorageUnavailable      storage unreachable after retries, over timeout_s, or access denied
 
 A bad ``expected_sha256`` (not 64 hex digits) or ``timeout_s`` is a ValueError: a caller's bug.
@@ -19,11 +20,13 @@ A bad ``expected_sha256`` (not 64 hex digits) or ``timeout_s`` is a ValueError: 
 
 from __future__ import annotations
 
+from model_fetch.cache import default_cache_dir
 from model_fetch.errors import (
     ChecksumMismatch,
     FetchError,
     InvalidModelUri,
     ModelNotFound,
+    ModelTooLarge,
     StorageUnavailable,
 )
 from model_fetch.fetch import fetch_model
@@ -35,6 +38,8 @@ __all__ = [
     "FetchedModel",
     "InvalidModelUri",
     "ModelNotFound",
+    "ModelTooLarge",
     "StorageUnavailable",
+    "default_cache_dir",
     "fetch_model",
 ]

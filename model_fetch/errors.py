@@ -4,6 +4,7 @@
     ├── InvalidModelUri         not a local path, a file:// URI nor gs://bucket/object
     ├── ModelNotFound           no such file, bucket, object or object generation
     ├── ChecksumMismatch        size, crc32c or the sha256 pin disagree (or a hash is missing)
+    ├── ModelTooLarge           the model is larger than the caller allows
     └── StorageUnavailable      storage unreachable after retries, over timeout_s, or access denied
 
 Messages say what was expected and what was found. They never contain credentials.
@@ -26,6 +27,10 @@ class ModelNotFound(FetchError):
 
 class ChecksumMismatch(FetchError):
     """The bytes are not the ones expected: size, crc32c or the sha256 pin differ."""
+
+
+class ModelTooLarge(FetchError):
+    """The model is larger than the caller's cap (refused before it is downloaded or read)."""
 
 
 class StorageUnavailable(FetchError):

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from model_fetch.cache import default_cache_dir
 from model_fetch.digest import normalize_sha256
 from model_fetch.local import fetch_local
 from model_fetch.result import FetchedModel
 from model_fetch.uri import LocalLocation, parse_model_uri
-
-
-def default_cache_dir() -> Path:
-    """Where downloads are kept when no cache_dir is given: ``<tmp>/dermal-fn-models``."""
-    return Path(tempfile.gettempdir()) / "dermal-fn-models"
 
 
 def fetch_model(
@@ -24,12 +19,15 @@ def fetch_model(
     cache_dir: str | os.PathLike[str] | None = None,
     expected_sha256: str | None = None,
     timeout_s: float = 120.0,
+    max_bytes: int | None = None,
 ) -> FetchedModel:
     """Resolve a local path, ``file://`` or ``gs://bucket/object`` URI to a verified local file.
 
     Local files are used in place; GCS objects are downloaded into ``cache_dir`` (reused while
     the generation, size and crc32c still match). ``expected_sha256`` pins the bytes; GCS work
-    is retried on transient errors and bounded by ``timeout_s``. Raises a FetchError subclass.
+    is retried on transient errors and bounded by ``timeout_s``; a model over ``max_bytes`` is refused
+    before it is read (ModelTooLarge). The cache folder is made private (0700, ours, no symlink) and
+    cleaned of partial files a killed download left. Raises a FetchError subclass.
     """
     started = time.monotonic()
     location = parse_model_uri(uri)
@@ -37,7 +35,7 @@ def fetch_model(
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     if isinstance(location, LocalLocation):
-        return fetch_local(location, source=uri, expected_sha256=pin, started=started)
+        return fetch_local(location, source=uri, expected_sha256=pin, started=started, max_bytes=max_bytes)
     from model_fetch.gcs import fetch_gcs  # google-cloud-storage: ~45 MB RSS, only when needed
 
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -48,4 +46,5 @@ def fetch_model(
         expected_sha256=pin,
         timeout_s=timeout_s,
         started=started,
+        max_bytes=max_bytes,
     )

@@ -32,6 +32,7 @@ from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from model_fetch.cache import PARTIAL_SUFFIX, private_dir, remove_stale_partials
 from model_fetch.digest import Digests, HashingWriter, check_sha256_pin, file_digests
 from model_fetch.errors import (
     ChecksumMismatch,
@@ -39,6 +40,7 @@ from model_fetch.errors import (
     ModelNotFound,
     StorageUnavailable,
 )
+from model_fetch.local import check_size
 from model_fetch.result import FetchedModel
 from model_fetch.uri import GcsLocation
 
@@ -110,6 +112,10 @@ class RemoteObject:
         return f"{self.location} (generation {self.generation})"
 
 
+# a partial download older than this (and than twice the fetch timeout) belongs to a killed process
+STALE_PARTIAL_S = 600.0
+
+
 def cache_file_name(location: GcsLocation, generation: int) -> str:
     """A safe file name, unique per bucket, object and generation, keeping the object's suffix."""
     suffix = PurePosixPath(location.name).suffix
@@ -128,6 +134,7 @@ def fetch_gcs(
     expected_sha256: str | None,
     timeout_s: float,
     started: float,
+    max_bytes: int | None = None,
 ) -> FetchedModel:
     """Return a verified local copy of a GCS object: the cached one if intact, else a download."""
     deadline = Deadline(started=started, timeout_s=timeout_s, subject=str(location))
@@ -135,7 +142,9 @@ def fetch_gcs(
         bucket = _make_client().bucket(location.bucket)
         remote = _stat(bucket, location, deadline=deadline)
         logger.info("fetching %s: %d bytes, generation %d", source, remote.size, remote.generation)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        check_size(remote.size, max_bytes, source=str(remote))
+        private_dir(cache_dir)
+        remove_stale_partials(cache_dir, older_than_s=max(2 * timeout_s, STALE_PARTIAL_S))
         path = cache_dir / cache_file_name(location, remote.generation)
         digests = _cached_digests(path, remote)
         downloaded = digests is None
@@ -252,7 +261,7 @@ def _download(
     started = time.monotonic()
     blob = bucket.blob(remote.location.name, generation=remote.generation)
     temporary = tempfile.NamedTemporaryFile(  # noqa: SIM115 - deleted below on failure
-        dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False
+        dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, delete=False
     )
     temporary_path = Path(temporary.name)
     try:

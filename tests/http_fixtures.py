@@ -55,6 +55,13 @@ SCRUBBED = (
     "STORAGE_EMULATOR_HOST",
     "MODEL_FETCH_TIMEOUT_S",
     "MODEL_LOAD_TIMEOUT_S",
+    "MODEL_RETRY_S",
+    "MAX_DECODE_MB",
+    "MAX_MODEL_MB",
+    "BODY_TIMEOUT_S",
+    "ALLOW_DEMO_MODEL",
+    "RENDER",
+    "K_SERVICE",
     "CORS_ORIGINS",
     "PORT",
 )
@@ -241,17 +248,29 @@ class ServerProcess:
             with error:
                 return error.code, dict(error.headers), error.read()
 
-    def get_json(self, path: str, *, timeout_s: float = 60.0) -> tuple[int, Any]:
+    def get_json(
+        self, path: str, *, headers: Mapping[str, str] | None = None, timeout_s: float = 60.0
+    ) -> tuple[int, Any]:
         """``GET path``: status and parsed JSON body."""
-        status, _, body = self.request("GET", path, timeout_s=timeout_s)
+        status, _, body = self.request("GET", path, headers=headers, timeout_s=timeout_s)
         return status, json.loads(body)
 
     def post_image(
-        self, path: str, image: bytes, *, content_type: str = "image/jpeg", timeout_s: float = 60.0
+        self,
+        path: str,
+        image: bytes,
+        *,
+        content_type: str = "image/jpeg",
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 60.0,
     ) -> tuple[int, Any]:
         """``POST path`` with a raw image body: status and parsed JSON body."""
         status, _, body = self.request(
-            "POST", path, body=image, headers={"Content-Type": content_type}, timeout_s=timeout_s
+            "POST",
+            path,
+            body=image,
+            headers={"Content-Type": content_type, **(headers or {})},
+            timeout_s=timeout_s,
         )
         return status, json.loads(body)
 

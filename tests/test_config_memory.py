@@ -248,8 +248,10 @@ def test_concurrent_loads_share_one_failure(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(errors) == 6
     assert all("StorageUnavailable" in e for e in errors)
     assert holder.state == "error"
-    assert holder._finished_attempts == 1  # the five others waited for the first attempt's answer
+    assert holder.attempts == 1  # the five others waited for the first attempt's answer
     assert holder.warm() is False  # a polling health check does not retry at once
+    assert 4 < holder.retry_in() <= 5  # the first backoff step
+    assert all("127.0.0.1" not in e for e in errors)  # the endpoint is a detail, not a public message
 
 
 def test_service_memory_status_without_a_container_limit() -> None:
@@ -267,7 +269,7 @@ def test_every_setting_is_one_row_of_the_readme_table() -> None:
     from dermal_fn.serving.config import markdown_table
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    assert markdown_table() in readme
+    assert markdown_table() in readme, "README's configuration table is config.markdown_table(): paste it"
 
 
 @pytest.mark.parametrize(
@@ -299,7 +301,8 @@ def test_the_demo_is_served_on_a_platform_only_on_purpose(env: dict[str, str], r
 
 def test_a_refused_demo_is_model_unavailable_with_the_fix_in_the_message() -> None:
     holder = ModelHolder(Settings.from_env({"RENDER": "true"}))
-    with pytest.raises(ModelUnavailable, match="ALLOW_DEMO_MODEL=true"):
+    with pytest.raises(ModelUnavailable, match="ConfigError") as refused:
         holder.get()
+    assert refused.value.detail is not None and "ALLOW_DEMO_MODEL=true" in refused.value.detail
     assert holder.state == "error"
     assert ModelHolder(Settings.from_env({"RENDER": "true", "ALLOW_DEMO_MODEL": "1"})).get().info.labels

@@ -8,6 +8,7 @@ what happened from the server's JSON log lines and the emulator's request log.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +26,27 @@ JPEG = jpeg_bytes(width=160, height=120, seed=5)
 StartServer = Callable[..., ServerProcess]
 
 
+KEY = "process-test-key"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
 def gcs_env(gcs: FakeGCS, bucket: str, cache: Path, **extra: str) -> dict[str, str]:
     return {
         "MODEL_URI": f"gs://{bucket}/{OBJECT}",
         "STORAGE_EMULATOR_HOST": gcs.url,
         "MODEL_CACHE_DIR": str(cache),
+        "MODEL_RETRY_S": "1",
         **extra,
     }
+
+
+def wait_for_retry(server: ServerProcess) -> None:
+    """Sleep out the failed load's backoff (Retry-After of /health), checking it is short and said."""
+    status, health = server.get_json("/health")
+    assert status == 503 and health["model_state"] == "error"
+    retry = health["error"]["retry_after_s"]
+    assert 1 <= retry <= 2
+    time.sleep(retry + 0.2)
 
 
 def emulator_downloads(gcs: FakeGCS, bucket: str) -> int:
@@ -108,21 +123,26 @@ def test_missing_object_is_503_then_recovers_once_uploaded(
     fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
 ) -> None:
     bucket = fake_gcs.create_bucket()
-    server = server_factory(gcs_env(fake_gcs, bucket, tmp_path / "cache"))
+    server = server_factory(gcs_env(fake_gcs, bucket, tmp_path / "cache", API_KEY=KEY), wait="/health")
 
-    status, body = server.post_image("/predict", JPEG)
+    status, body = server.post_image("/predict", JPEG, headers=BEARER)
     assert status == 503
     assert body["error"]["code"] == "model_unavailable"
-    assert f"expected object {OBJECT!r} in bucket {bucket!r}" in body["error"]["message"]
-    assert "no such object" in body["error"]["message"]
-    status, health = server.get_json("/health")
+    assert "ModelNotFound" in body["error"]["message"]
+    assert f"expected object {OBJECT!r} in bucket {bucket!r}" in body["error"]["detail"]  # the key shown
+    status, health = server.get_json("/health")  # anonymous: what failed, not where
     assert status == 503
-    assert health["status"] == "error"
-    assert health["model_state"] == "error"
-    assert "no such object" in health["error"]["message"]
+    assert (health["status"], health["model_state"]) == ("error", "error")
+    assert "ModelNotFound" in health["error"]["message"] and "detail" not in health["error"]
+    assert bucket not in json.dumps(health) and OBJECT not in json.dumps(health)
+    status, health = server.get_json("/health", headers=BEARER)
+    assert "no such object" in health["error"]["detail"]
 
     fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
-    status, body = server.post_image("/predict", JPEG)  # a later request tries again
+    status, body = server.post_image("/predict", JPEG, headers=BEARER)  # within the backoff: at once
+    assert status == 503 and "next attempt" in body["error"]["message"]
+    wait_for_retry(server)
+    status, body = server.post_image("/predict", JPEG, headers=BEARER)  # after it: a new attempt
     assert status == 200, (body, server.log_tail())
     status, health = server.get_json("/health")
     assert (status, health["status"], health["model_state"]) == (200, "ok", "loaded")
@@ -135,15 +155,15 @@ def test_sha256_mismatch_is_refused_and_leaves_no_file(
     fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
     cache = tmp_path / "cache"
     wrong = "0" * 64
-    server = server_factory(gcs_env(fake_gcs, bucket, cache, MODEL_SHA256=wrong))
+    server = server_factory(gcs_env(fake_gcs, bucket, cache, MODEL_SHA256=wrong, API_KEY=KEY), wait="/health")
 
-    status, body = server.post_image("/predict", JPEG)
+    status, body = server.post_image("/predict", JPEG, headers=BEARER)
     assert status == 503
     assert body["error"]["code"] == "model_unavailable"
-    assert "sha256" in body["error"]["message"].lower()
-    assert wrong in body["error"]["message"]
+    assert "ChecksumMismatch" in body["error"]["message"]
+    assert wrong in body["error"]["detail"]
     assert emulator_downloads(fake_gcs, bucket) == 1  # it was downloaded, checked, and thrown away
-    assert not cache.exists() or list(cache.iterdir()) == []
+    assert not cache.exists() or [p.name for p in cache.iterdir() if p.is_file()] == []
     assert server.get_json("/health")[1]["model_state"] == "error"
 
 
@@ -177,6 +197,7 @@ def test_emulator_down_at_cold_start_is_503_then_recovers(
     assert records(server, logger="model_fetch.gcs", message_prefix="transient error")  # it retried
 
     fresh_fake_gcs.start()  # same port, same data
+    wait_for_retry(server)
     status, body = server.post_image("/predict", JPEG)
     assert status == 200, (body, server.log_tail())
     assert emulator_downloads(fresh_fake_gcs, bucket) == 1

@@ -79,7 +79,7 @@ def assert_json_answer(response: Any) -> None:
     assert response.mimetype == "application/json"
     body = json.loads(response.get_data())
     if response.status_code >= 400:
-        assert set(body["error"]) == {"code", "message"}
+        assert set(body["error"]) == {"code", "message", "request_id"}
 
 
 CONTENT_TYPES = st.one_of(

@@ -36,11 +36,12 @@ def client(small_bundle: Path) -> Iterator[Any]:
 
 
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    """The contract's error body, exactly: status, JSON, {"error": {"code", "message"}}."""
+    """The contract's error body, exactly: status, JSON, {"error": {"code", "message", "request_id"}}."""
     assert response.status_code == status, response.get_data(as_text=True)[:300]
     assert response.mimetype == "application/json"
     body = response.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}
+    assert body["error"]["request_id"] == response.headers["X-Request-Id"]
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"].startswith("expected")
     return body
@@ -361,12 +362,12 @@ def test_full_queue_gives_503_overloaded_and_health_still_answers(
                 )
                 deadline = time.monotonic() + 5
                 waiter.start()
-                while gate.waiting < 1 and time.monotonic() < deadline:
+                while gate.admitted < 1 and time.monotonic() < deadline:
                     time.sleep(0.005)
             response = test_client.post("/predict", data=JPEG, content_type="image/jpeg")
             body = assert_error(response, 503, "overloaded")
             assert response.headers["Retry-After"] == "2"
-            assert "queue" in body["error"]["message"] or "slot" in body["error"]["message"]
+            assert "in flight" in body["error"]["message"] or "slot" in body["error"]["message"]
             health = test_client.get("/health")
             assert health.status_code == 200 and health.get_json()["status"] == "ok"
             if max_queue:

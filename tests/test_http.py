@@ -353,13 +353,14 @@ def test_health_reports_a_failed_load_and_predict_retries(
     client: Client, configure: Configure, tmp_path: Path, test_bundle: Path
 ) -> None:
     missing = tmp_path / "later.dermal"
-    configure(MODEL_URI=str(missing))
+    configure(MODEL_URI=str(missing), MODEL_RETRY_S="0.5")
     response = post_raw(client, JPEG)
     assert response.status_code == 503
-    assert response.headers["Retry-After"] == "10"
+    assert response.headers["Retry-After"] == "1"  # the backoff, rounded up
     error = response.get_json()["error"]
     assert error["code"] == "model_unavailable"
-    assert "later.dermal" in error["message"]
+    assert "ModelNotFound" in error["message"]
+    assert "later.dermal" not in json.dumps(error)  # a path is a detail: logs and API-key holders only
     health = client.get("/health")
     assert health.status_code == 503
     body = health.get_json()
@@ -367,9 +368,11 @@ def test_health_reports_a_failed_load_and_predict_retries(
     assert body["model_state"] == "error"
     assert body["model_loaded"] is False
     assert body["error"]["code"] == "model_unavailable"
-    assert "later.dermal" in body["error"]["message"]
-    missing.write_bytes(test_bundle.read_bytes())  # the model appears: the next request tries again
-    assert post_raw(client, JPEG).status_code == 200
+    assert body["error"]["retry_after_s"] == 1
+    missing.write_bytes(test_bundle.read_bytes())  # the model appears
+    assert post_raw(client, JPEG).status_code == 503  # still within the backoff: answered at once
+    time.sleep(0.6)
+    assert post_raw(client, JPEG).status_code == 200  # after it, the next request tries again
     assert client.get("/health").get_json()["model_state"] == "loaded"
 
 

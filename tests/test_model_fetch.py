@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import logging
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from model_fetch import (
     FetchError,
     InvalidModelUri,
     ModelNotFound,
+    ModelTooLarge,
     StorageUnavailable,
     fetch_model,
 )
@@ -373,7 +375,55 @@ def test_default_cache_dir_is_under_the_temp_dir(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     uri, _ = gs_model
     fetched = fetch_model(uri, timeout_s=10)
-    assert fetched.path.parent == tmp_path / "dermal-fn-models"
+    assert fetched.path.parent == tmp_path / f"dermal-fn-{os.geteuid()}" / "models"
+    for folder in (fetched.path.parent, fetched.path.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # private: nobody else may plant a model
+
+
+def test_a_cache_folder_that_is_a_symlink_is_refused(gs_model: tuple[str, int], tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    link = tmp_path / "cache"
+    link.symlink_to(real)
+    with pytest.raises(FetchError, match="found a symlink"):
+        fetch_model(gs_model[0], cache_dir=link, timeout_s=10)
+    assert files_in(real) == []
+
+
+def test_a_cache_folder_open_to_others_is_made_private(gs_model: tuple[str, int], tmp_path: Path) -> None:
+    cache = tmp_path / "shared"
+    cache.mkdir(mode=0o777)
+    os.chmod(cache, 0o777)
+    fetch_model(gs_model[0], cache_dir=cache, timeout_s=10)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+def test_stale_partial_downloads_are_removed_and_fresh_ones_kept(
+    gs_model: tuple[str, int], cache_dir: Path
+) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stale, fresh = cache_dir / ".model.dermal.abc.part", cache_dir / ".model.dermal.def.part"
+    for path in (stale, fresh):
+        path.write_bytes(b"half a model")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fetched = fetch_model(gs_model[0], cache_dir=cache_dir, timeout_s=10)
+    assert not stale.exists() and fresh.exists()
+    assert fetched.path.read_bytes() == MODEL_BYTES
+
+
+def test_a_model_over_the_size_cap_is_refused_before_download(
+    gs_model: tuple[str, int], cache_dir: Path, fake_gcs: FakeGCS
+) -> None:
+    uri, _ = gs_model
+    with pytest.raises(ModelTooLarge, match="at most 0 MB, found 0 MB"):
+        fetch_model(uri, cache_dir=cache_dir, timeout_s=10, max_bytes=1000)
+    assert [name for name in files_in(cache_dir) if not name.startswith(".")] == []
+
+
+def test_a_local_model_over_the_size_cap_is_refused(model_file: Path) -> None:
+    with pytest.raises(ModelTooLarge):
+        fetch_model(str(model_file), max_bytes=10)
 
 
 def test_progress_is_logged(

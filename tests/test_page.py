@@ -14,6 +14,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import time
@@ -510,7 +511,11 @@ def test_api_key_prompt_then_memory_pressure_note(
     assert "short of memory" in note
     shown = seen["gradcam"]
     assert shown["status"] == "skipped"
-    assert f"using {shown['rss_mb']:.0f} MB of its {shown['limit_mb']:.0f} MB limit" in note
+
+    def js_round(x: float) -> int:  # the page's Math.round: halves go up (Python's :.0f goes to even)
+        return math.floor(x + 0.5)
+
+    assert f"using {js_round(shown['rss_mb'])} MB of its {js_round(shown['limit_mb'])} MB limit" in note
     assert not page.locator("#overlay").is_visible()
     tab.screenshot("desktop-heatmap-skipped")
     assert tab.errors(expected_status=401) == []

@@ -14,9 +14,11 @@ backbone into Python memory.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ TFLITE_IDENTIFIER = b"TFL3"
 MANIFEST = "manifest.json"
 HEAD_ARRAYS = "head.npz"
 SUFFIX = ".dermal"
+MIB = 1024 * 1024
+MAX_MANIFEST_BYTES = 1 * MIB
+MAX_HEAD_BYTES = 256 * MIB  # a Dense over a 12x12x1280 Flatten is 150 MB in float64
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Manifest:
     quantization: str
     backbone_bytes: int
     extra: dict[str, Any]
+    backbone_crc32: str | None = None  # zlib CRC-32 of the flatbuffer, 8 hex digits (older bundles: none)
 
     def to_json(self, head_spec: dict[str, Any]) -> dict[str, Any]:
         """The manifest as JSON data, with the head's description."""
@@ -67,6 +73,7 @@ class Manifest:
             "feature_map_shape": list(self.feature_map_shape),
             "quantization": self.quantization,
             "backbone_bytes": self.backbone_bytes,
+            **({"backbone_crc32": self.backbone_crc32} if self.backbone_crc32 else {}),
             "head": head_spec,
             **self.extra,
         }
@@ -92,6 +99,7 @@ def write(path: str | Path, *, backbone: bytes, manifest: Manifest, head: Head) 
     if backbone[4:8] != TFLITE_IDENTIFIER:
         raise BundleError("expected a LiteRT flatbuffer for the backbone, found other bytes")
     head_spec, arrays = head.to_spec()
+    manifest = dataclasses.replace(manifest, backbone_bytes=len(backbone), backbone_crc32=crc32_hex(backbone))
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
         z.writestr(MANIFEST, json.dumps(manifest.to_json(head_spec), indent=1, sort_keys=True))
@@ -122,15 +130,65 @@ def read(path: str | Path) -> Bundle:
         if not is_bundle(path):
             raise BundleError(f"expected a dermal-fn bundle (LiteRT + zip), found other bytes in {path.name}")
         with zipfile.ZipFile(path) as z:
-            data = json.loads(z.read(MANIFEST))
-            with np.load(io.BytesIO(z.read(HEAD_ARRAYS)), allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
+            data = json.loads(_member(z, MANIFEST, MAX_MANIFEST_BYTES))
+            head_bytes = _member(z, HEAD_ARRAYS, MAX_HEAD_BYTES)
+        with zipfile.ZipFile(io.BytesIO(head_bytes)) as npz_zip:  # an .npz is a zip too: same rules
+            for info in npz_zip.infolist():
+                _check_member(info, MAX_HEAD_BYTES)
+        with np.load(io.BytesIO(head_bytes), allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
     except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
         raise BundleError(f"expected a readable bundle at {path.name}, found {exc}") from exc
     manifest = _parse_manifest(data)
     head = Head.from_spec(data.get("head"), arrays)
     check_head(head, manifest)
     return Bundle(path=path, manifest=manifest, head=head)
+
+
+def _check_member(info: zipfile.ZipInfo, limit: int) -> None:
+    """A member must be stored (a compressed one could be a bomb) and at most ``limit`` bytes."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise BundleError(f"expected stored (uncompressed) members, found {info.filename} compressed")
+    if info.file_size > limit:
+        raise BundleError(
+            f"expected {info.filename} to hold at most {limit / MIB:.0f} MB, found {info.file_size / MIB:.0f} MB"
+        )
+
+
+def _member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A member's bytes, its kind and size checked from the directory before anything is read."""
+    info = archive.getinfo(name)
+    _check_member(info, limit)
+    return archive.read(info)
+
+
+def crc32_hex(data: bytes) -> str:
+    """zlib's CRC-32 of ``data`` as 8 hex digits."""
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def verify_backbone(path: str | Path, manifest: Manifest, *, chunk: int = 1 << 20) -> None:
+    """The flatbuffer's bytes against the manifest's size and CRC-32 (a flipped byte can crash LiteRT).
+
+    Bundles written before the CRC was recorded are checked for size only.
+    """
+    crc = 0
+    with open(path, "rb") as f:
+        remaining = manifest.backbone_bytes
+        while remaining > 0:
+            block = f.read(min(chunk, remaining))
+            if not block:
+                raise BundleError(
+                    f"expected a backbone of {manifest.backbone_bytes} bytes, found the file shorter"
+                )
+            crc = zlib.crc32(block, crc)
+            remaining -= len(block)
+    found = f"{crc & 0xFFFFFFFF:08x}"
+    if manifest.backbone_crc32 is not None and found != manifest.backbone_crc32:
+        raise BundleError(
+            f"expected the backbone's CRC-32 {manifest.backbone_crc32} (from the manifest), found {found}: "
+            "the file is damaged"
+        )
 
 
 def check_head(head: Head, manifest: Manifest) -> None:
@@ -149,6 +207,15 @@ def check_head(head: Head, manifest: Manifest) -> None:
         )
 
 
+def _crc_field(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).lower()
+    if len(text) != 8 or any(c not in "0123456789abcdef" for c in text):
+        raise BundleError(f"expected backbone_crc32 to be 8 hex digits, found {value!r}")
+    return text
+
+
 def _parse_manifest(data: Any) -> Manifest:
     if not isinstance(data, dict):
         raise BundleError(f"expected the manifest to be a JSON object, found a JSON {type(data).__name__}")
@@ -165,7 +232,7 @@ def _parse_manifest(data: Any) -> Manifest:
             raise BundleError(f"expected resize in {sorted(RESIZE_METHODS)}, found {inp['resize']!r}")
         known = {
             "format", "version", "name", "labels", "input", "layer", "feature_map_shape",
-            "quantization", "backbone_bytes", "head",
+            "quantization", "backbone_bytes", "backbone_crc32", "head",
         }  # fmt: skip
         h, w, c = (int(v) for v in data["feature_map_shape"])
         return Manifest(
@@ -179,6 +246,7 @@ def _parse_manifest(data: Any) -> Manifest:
             quantization=str(data.get("quantization", "none")),
             backbone_bytes=int(data["backbone_bytes"]),
             extra={k: v for k, v in data.items() if k not in known},
+            backbone_crc32=_crc_field(data.get("backbone_crc32")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"expected a complete manifest, found a problem with {exc}") from exc

@@ -152,6 +152,15 @@ class Settings:
         _number(1.0),
         "the decoder's buffer at its largest (width × height × bytes per pixel); beyond, 413 before decoding",
     )
+    max_model_mb: float = setting(
+        "MAX_MODEL_MB", 1024.0, _number(1.0), "a larger model file is refused before it is downloaded or read"
+    )
+    body_timeout_s: float = setting(
+        "BODY_TIMEOUT_S",
+        30.0,
+        _number(0.1),
+        "an upload still arriving after this gets 408 (slow or stalled clients)",
+    )
     api_key: str | None = setting(
         "API_KEY", None, _text, "when set, `/predict` and `/memory` need `Authorization: Bearer <key>`"
     )
@@ -170,13 +179,22 @@ class Settings:
         shown="the cgroup CPU quota, rounded up",
     )
     max_queue: int = setting(
-        "MAX_QUEUE", 8, _whole(0), "requests waiting for the model; beyond, 503 with `Retry-After`"
+        "MAX_QUEUE",
+        8,
+        _whole(0),
+        "predict requests in flight beyond the one running (receiving, waiting); beyond, 503 with `Retry-After`",
     )
     queue_timeout_s: float = setting(
         "QUEUE_TIMEOUT_S", 30.0, _number(0.0), "how long a request waits for the model before 503"
     )
     model_load_timeout_s: float = setting(
         "MODEL_LOAD_TIMEOUT_S", 120.0, _number(0.1), "bound on loading the model (fetch included)"
+    )
+    model_retry_s: float = setting(
+        "MODEL_RETRY_S",
+        5.0,
+        _number(0.1),
+        "after a failed load, 503s with `Retry-After` until the next attempt; the wait doubles per failure (at most 300 s)",
     )
     model_fetch_timeout_s: float = setting(
         "MODEL_FETCH_TIMEOUT_S", 120.0, _number(0.1), "bound on downloading the model"
@@ -198,6 +216,11 @@ class Settings:
     def max_decode_bytes(self) -> int:
         """MAX_DECODE_MB in bytes."""
         return int(self.max_decode_mb * 1024 * 1024)
+
+    @property
+    def max_model_bytes(self) -> int:
+        """MAX_MODEL_MB in bytes."""
+        return int(self.max_model_mb * 1024 * 1024)
 
     @property
     def serves_demo(self) -> bool:

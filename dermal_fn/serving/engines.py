@@ -32,10 +32,12 @@ def is_keras_file(path: str | Path) -> bool:
     return "config.json" in names and not bundle_format.is_bundle(path)
 
 
-def load_engine(path: str | Path, *, sha256: str, num_threads: int = 1) -> Engine:
+def load_engine(
+    path: str | Path, *, sha256: str, num_threads: int = 1, weight_cache_dir: Path | None = None
+) -> Engine:
     """Open a bundle with LiteRT, or a Keras file with the TensorFlow reference backend."""
     if Path(path).is_file() and bundle_format.is_bundle(path):
-        return LiteRTEngine(path, sha256=sha256, num_threads=num_threads)
+        return LiteRTEngine(path, sha256=sha256, num_threads=num_threads, weight_cache_dir=weight_cache_dir)
     if is_keras_file(path):
         from dermal_fn.keras.reference import KerasEngine
 

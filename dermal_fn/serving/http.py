@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hmac
 import io
 import json
 import logging
+import math
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -36,6 +40,7 @@ ERROR_TABLE: dict[type[errors.DermalError], tuple[int, str]] = {
     errors.InvalidRequest: (400, "invalid_request"),
     errors.InvalidImage: (400, "invalid_image"),
     errors.Unauthorized: (401, "unauthorized"),
+    errors.RequestTimeout: (408, "request_timeout"),
     errors.NotFound: (404, "not_found"),
     errors.MethodNotAllowed: (405, "method_not_allowed"),
     errors.ImageTooLarge: (413, "image_too_large"),
@@ -55,6 +60,8 @@ IMAGE_TYPES_HINT = (
     "multipart/form-data (field 'image'), image/*, application/octet-stream or application/json"
 )
 # what a client-chosen name or id must look like to be echoed in a message, header or log
+MAX_LOGGED_PATH = 200  # a logged path is cut here (a 900 KB path is not a log line)
+BODY_READ = "dermal_fn.body_read"  # environ key: this request's body was read to its end
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
@@ -76,8 +83,14 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
     return response
 
 
-def error_response(exc: errors.DermalError) -> flask.Response:
-    """The contract's error body with its status (and Retry-After for 503, Allow for 405)."""
+def error_response(
+    exc: errors.DermalError, *, request_id: str | None = None, show_detail: bool = False
+) -> flask.Response:
+    """The contract's error body with its status (and Retry-After for 503, Allow for 405).
+
+    The body carries the code, the public message and the request id; ``exc.detail`` (storage paths,
+    endpoints, the cause's text) only for a caller who showed the API key, never to anonymous ones.
+    """
     status, code = status_for(exc)
     headers: dict[str, str] = {}
     if isinstance(exc, errors.ServiceUnavailable):
@@ -86,14 +99,24 @@ def error_response(exc: errors.DermalError) -> flask.Response:
         headers["Allow"] = ", ".join(exc.allowed)
     if isinstance(exc, errors.Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="dermal-fn"'
-    return json_response({"error": {"code": code, "message": str(exc)}}, status, headers)
+    error: dict[str, Any] = {"code": code, "message": str(exc)}
+    if request_id is not None:
+        error["request_id"] = request_id
+    if show_detail and exc.detail:
+        error["detail"] = exc.detail
+    return json_response({"error": error}, status, headers)
 
 
 # --- request parsing -------------------------------------------------------------------------------
 
 
-def read_body(request: flask.Request, *, limit: int) -> bytes:
-    """The whole body, refusing (413) from Content-Length or while streaming past ``limit`` bytes."""
+def read_body(request: flask.Request, *, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refusing (413) from Content-Length or while streaming past ``limit`` bytes.
+
+    A body still arriving after ``timeout_s`` gets 408: under gunicorn the socket's read side is shut
+    down at the deadline (``BodyDeadline``), which ends a read blocked on a client that sends a byte
+    now and then.
+    """
     declared = request.content_length
     if declared is not None and declared > limit:
         raise errors.PayloadTooLarge(
@@ -101,21 +124,66 @@ def read_body(request: flask.Request, *, limit: int) -> bytes:
         )
     buffer = io.BytesIO()
     stream = request.stream
-    try:
-        while True:
-            chunk = stream.read(min(1 << 16, limit + 1 - buffer.tell()))
-            if not chunk:
-                break
-            buffer.write(chunk)
-            if buffer.tell() > limit:
-                raise errors.PayloadTooLarge(
-                    f"expected a body of at most {limit / 1048576:.3g} MB, found more"
-                )
-    except (ClientDisconnected, RequestEntityTooLarge) as exc:
+    with BodyDeadline(request, timeout_s) as deadline:
+        try:
+            while True:
+                chunk = stream.read(min(1 << 16, limit + 1 - buffer.tell()))
+                if not chunk:
+                    break
+                buffer.write(chunk)
+                if buffer.tell() > limit:
+                    raise errors.PayloadTooLarge(
+                        f"expected a body of at most {limit / 1048576:.3g} MB, found more"
+                    )
+        except (ClientDisconnected, RequestEntityTooLarge, OSError) as exc:
+            if deadline.expired:
+                raise deadline.error(buffer.tell()) from exc
+            raise errors.InvalidRequest(
+                f"expected a complete body, found the upload cut short ({type(exc).__name__})"
+            ) from exc
+        if deadline.expired:
+            raise deadline.error(buffer.tell())
+    if declared is not None and buffer.tell() < declared:
         raise errors.InvalidRequest(
-            f"expected a complete body, found the upload cut short ({type(exc).__name__})"
-        ) from exc
+            f"expected a body of {declared} bytes (Content-Length), found the upload cut short at {buffer.tell()}"
+        )
+    request.environ[BODY_READ] = True
     return buffer.getvalue()
+
+
+class BodyDeadline:
+    """Shut the connection's read side when ``timeout_s`` passes (gunicorn only: ``gunicorn.socket``)."""
+
+    def __init__(self, request: flask.Request, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.socket: socket.socket | None = request.environ.get("gunicorn.socket")
+        self.expired = False
+        self._timer: threading.Timer | None = None
+        self._started = time.monotonic()
+
+    def __enter__(self) -> BodyDeadline:
+        if self.timeout_s is not None and self.socket is not None:
+            self._timer = threading.Timer(self.timeout_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self.socket is not None:
+            with contextlib.suppress(OSError):
+                self.socket.shutdown(socket.SHUT_RD)
+
+    def error(self, received: int) -> errors.RequestTimeout:
+        """The 408 for a body that did not arrive in time."""
+        return errors.RequestTimeout(
+            f"expected the body within {self.timeout_s:g} s, found {received} bytes after "
+            f"{time.monotonic() - self._started:.0f} s"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _memory_stream(*args: Any, **kwargs: Any) -> io.BytesIO:
@@ -123,11 +191,13 @@ def _memory_stream(*args: Any, **kwargs: Any) -> io.BytesIO:
     return io.BytesIO()
 
 
-def parse_upload(request: flask.Request, *, limit: int) -> tuple[bytes, dict[str, Any]]:
+def parse_upload(
+    request: flask.Request, *, limit: int, timeout_s: float | None = None
+) -> tuple[bytes, dict[str, Any]]:
     """The image bytes and the options (query, then form fields or JSON keys) of a predict request."""
     options: dict[str, Any] = {k: v for k, v in request.args.items() if k in OPTION_NAMES}
     mimetype = (request.mimetype or "").lower()
-    body = read_body(request, limit=limit)
+    body = read_body(request, limit=limit, timeout_s=timeout_s)
     if mimetype == "multipart/form-data":
         parser = FormDataParser(
             stream_factory=_memory_stream,
@@ -224,12 +294,16 @@ def _describe(exc: BaseException) -> str:
 # --- routes --------------------------------------------------------------------------------------
 
 
-def _authorised(request: flask.Request, api_key: str | None) -> None:
+def _authenticated(request: flask.Request, api_key: str | None) -> bool:
+    """True when API_KEY is set and the request shows it (such callers may see error details)."""
     if api_key is None:
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return False
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def _authorised(request: flask.Request, api_key: str | None) -> None:
+    if api_key is not None and not _authenticated(request, api_key):
         raise errors.Unauthorized(
             "expected header 'Authorization: Bearer <API_KEY>', found none or a wrong key"
         )
@@ -239,7 +313,8 @@ def health(request: flask.Request, service: Service, log: dict[str, Any]) -> fla
     """Liveness and model state (``model_state``: idle, loading, loaded or error).
 
     The first call starts loading the model in the background, so a platform's health check warms
-    the instance. A failed load answers 503 with ``"status": "error"`` and the reason.
+    the instance. A failed load answers 503 with ``"status": "error"``, what failed (the error's
+    class) and when the next attempt is; the cause itself only to a caller with the API key.
     """
     holder = service.holder
     warming = holder.engine is None and holder.warm()
@@ -255,9 +330,12 @@ def health(request: flask.Request, service: Service, log: dict[str, Any]) -> fla
         body["model"] = {**engine.info.as_json(), "quantization": engine.info.quantization}
         body["load_seconds"] = round(holder.load_seconds or 0.0, 3)
     elif state == "error" and error is not None:
+        retry_after = max(1, math.ceil(holder.retry_in()))
         body["status"] = "error"
-        body["error"] = {"code": "model_unavailable", "message": error}
-        status, headers = 503, {"Retry-After": str(errors.ModelUnavailable.retry_after_s)}
+        body["error"] = {"code": "model_unavailable", "message": str(error), "retry_after_s": retry_after}
+        if error.detail and _authenticated(request, service.settings.api_key):
+            body["error"]["detail"] = error.detail
+        status, headers = 503, {"Retry-After": str(retry_after)}
     else:
         body["loading"] = True
     body["gradcam_enabled"] = service.settings.enable_gradcam
@@ -298,12 +376,19 @@ def openapi(request: flask.Request, service: Service, log: dict[str, Any]) -> fl
 
 
 def predict(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
-    """POST /predict: the contract's 200 body."""
-    service.gate.check_capacity()  # a full queue refuses before the upload is read into memory
-    image, raw_options = parse_upload(request, limit=service.settings.max_upload_bytes)
-    options = PredictOptions.parse(raw_options)
-    result = service.predict(image, options)
-    del image
+    """POST /predict: the contract's 200 body.
+
+    The request holds one of the gate's places from before its body is read until its answer is
+    made (``admission``): a full house refuses at once, before the upload is read into memory.
+    """
+    settings = service.settings
+    with service.gate.admission():
+        image, raw_options = parse_upload(
+            request, limit=settings.max_upload_bytes, timeout_s=settings.body_timeout_s
+        )
+        options = PredictOptions.parse(raw_options)
+        result = service.predict(image, options)
+        del image
     log["model_sha256"] = result.body["model"]["sha256"]
     log["timing_ms"] = result.body["timing_ms"]
     log["gradcam"] = result.gradcam_status
@@ -315,14 +400,15 @@ Handler = Callable[[flask.Request, Service, dict[str, Any]], flask.Response]
 
 @dataclass(frozen=True)
 class Route:
-    """What a method on a path runs, and whether it needs the API key."""
+    """What a method on a path runs, whether it needs the API key, whether it reads a body."""
 
     handler: Handler
     authorised: bool = False
+    accepts_body: bool = False  # every other route refuses a body (413) instead of buffering it
 
 
 _PAGE = Route(page)
-_PREDICT = Route(predict, authorised=True)
+_PREDICT = Route(predict, authorised=True, accepts_body=True)
 # path -> method -> route; HEAD is answered by the GET handler (werkzeug drops the body)
 ROUTES: dict[str, dict[str, Route]] = {
     "/": {"GET": _PAGE, "HEAD": _PAGE, "POST": _PREDICT},
@@ -337,7 +423,7 @@ def route_for(path: str, method: str, *, cors: bool) -> Route | None:
     """The route for a request; None for a CORS preflight; NotFound / MethodNotAllowed otherwise."""
     methods = ROUTES.get(path)
     if methods is None:
-        raise errors.NotFound(f"expected one of {sorted(ROUTES)}, found {path!r}")
+        raise errors.NotFound(f"expected one of {sorted(ROUTES)}, found {_show_path(path)}")
     if method == "OPTIONS" and cors:
         return None
     route = methods.get(method)
@@ -367,15 +453,22 @@ def handle(request: flask.Request, *, service_factory: Callable[[], Service] = g
     route = "/" + request.path.strip("/")
     method = request.method.upper()
     request_id = _request_id(request)
-    log: dict[str, Any] = {"request_id": request_id, "route": route, "method": method}
+    log: dict[str, Any] = {"request_id": request_id, "route": route[:MAX_LOGGED_PATH], "method": method}
+    show_detail = False
     try:
         service = service_factory()
     except errors.ConfigError as exc:
-        response = error_response(exc)
-        _log_request(log, response.status_code, started)
+        response = error_response(exc, request_id=request_id)
+        _finish(request, response, log, started)
         return response
     try:
         target = route_for(route, method, cors=bool(service.settings.cors_origins))
+        show_detail = _authenticated(request, service.settings.api_key)
+        if target is not None and not target.accepts_body and _has_body(request):
+            raise errors.PayloadTooLarge(
+                f"expected no body for {method} {_show_path(route)}, found "
+                + (f"{request.content_length} bytes" if request.content_length else "a chunked body")
+            )
         if target is None:
             response = flask.Response(status=204)  # CORS preflight
         else:
@@ -383,30 +476,63 @@ def handle(request: flask.Request, *, service_factory: Callable[[], Service] = g
                 _authorised(request, service.settings.api_key)
             response = target.handler(request, service, log)
     except errors.DermalError as exc:
-        response = error_response(exc)
+        response = error_response(exc, request_id=request_id, show_detail=show_detail)
         if response.status_code >= 500:
             log["error"] = str(exc)
+            if exc.detail:
+                log["detail"] = exc.detail
         else:
             log["error_code"] = status_for(exc)[1]
     except Exception:
         logger.exception(
-            "unexpected error", extra={"json_fields": {"request_id": request_id, "route": route}}
+            "unexpected error", extra={"json_fields": {"request_id": request_id, "route": log["route"]}}
         )
         response = json_response(
             {
                 "error": {
                     "code": "internal_error",
                     "message": "unexpected server error; it has been logged",
+                    "request_id": request_id,
                 }
             },
             500,
         )
     response.headers["X-Request-Id"] = request_id
     response = _cors(request, response, service.settings.cors_origins)
-    if response.status_code >= 400:
-        _skip_body_drain(response)
-    _log_request(log, response.status_code, started)
+    _finish(request, response, log, started)
     return response
+
+
+def _finish(request: flask.Request, response: flask.Response, log: dict[str, Any], started: float) -> None:
+    """Never read or hold a body the route did not take; log the request."""
+    if response.status_code >= 400 or (_has_body(request) and not request.environ.get(BODY_READ)):
+        _skip_body_drain(response)
+        if _has_body(request) and not request.environ.get(BODY_READ):
+            _stop_reading(request)
+    _log_request(log, response.status_code, started)
+
+
+def _has_body(request: flask.Request) -> bool:
+    """A declared body: Content-Length above 0, or chunked transfer encoding."""
+    if request.content_length:
+        return True
+    return "chunked" in (request.headers.get("Transfer-Encoding") or "").lower()
+
+
+def _stop_reading(request: flask.Request) -> None:
+    """Shut the read side of the connection (gunicorn): the rest of the body is discarded by the kernel,
+    not read by the server, and the connection closes after this answer."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
+
+
+def _show_path(path: str) -> str:
+    """A client's path for a message: short plain ones as they are, long ones described."""
+    if len(path) <= 64 and path.isprintable():
+        return repr(path)
+    return f"a path of {len(path)} characters"
 
 
 def _skip_body_drain(response: flask.Response) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +23,7 @@ from PIL import Image
 
 from dermal_fn.core import imaging, render
 from dermal_fn.core.engine import Engine, Inference, ModelInfo
-from dermal_fn.errors import ConfigError, DermalError, ModelUnavailable, Overloaded
+from dermal_fn.errors import BundleError, ConfigError, DermalError, ModelUnavailable, Overloaded
 from dermal_fn.serving import memory
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.engines import load_engine
@@ -34,23 +36,34 @@ ModelState = Literal["idle", "loading", "loaded", "error"]
 DECODE_RESERVE_MB = 32.0
 
 
-class ModelHolder:
-    """Loads the model once per process; concurrent callers wait for that one load (bounded).
+# after the n-th failed load in a row the next attempt waits MODEL_RETRY_S * 2 ** (n - 1), at most this
+MAX_BACKOFF_S = 300.0
+# a model whose load killed this many workers in a row is not loaded again until it changes
+MAX_CRASHED_LOADS = 2
 
-    A failed load is remembered (``error``) and shared with the callers that waited for it; the
-    next request tries again. Background warming (``warm``, from ``/health``) retries a failure
-    only after ``ModelUnavailable.retry_after_s``, so a polling health check does not hammer storage.
+
+class ModelHolder:
+    """Loads the model once per process; callers that find a load under way wait for it (bounded).
+
+    A failed load is remembered and answered at once (ModelUnavailable with ``Retry-After``) until
+    its backoff has passed; the backoff starts at MODEL_RETRY_S, doubles with each failure in a row
+    (at most ``MAX_BACKOFF_S``) and is
+    shared by requests and by ``/health``'s background warming, so neither hammers storage. A load
+    that kills the worker (a corrupt flatbuffer can segfault the runtime) leaves a marker in the
+    cache folder; the next worker reads it and, after ``MAX_CRASHED_LOADS`` of them, reports the
+    model as failed instead of crashing again.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for the whole of a load
         self._engine: Engine | None = None
-        self._error: str | None = None
-        self._finished_attempts = 0
-        self._failed_at: float | None = None
+        self._error: DermalError | None = None
+        self._failures = 0
+        self._retry_at: float | None = None
         self._warming: threading.Thread | None = None
         self._state_lock = threading.Lock()
+        self.attempts = 0
         self.loaded_at: float | None = None
         self.load_seconds: float | None = None
         self.fetch_info: dict[str, Any] = {}
@@ -61,14 +74,9 @@ class ModelHolder:
         return self._engine
 
     @property
-    def error(self) -> str | None:
-        """Why the last load failed, while no model is loaded."""
+    def error(self) -> DermalError | None:
+        """Why the last load failed, while no model is loaded (``str``: public; ``detail``: the cause)."""
         return self._error
-
-    @property
-    def loading(self) -> bool:
-        """True while a load is under way."""
-        return self._lock.locked() and self._engine is None
 
     @property
     def state(self) -> ModelState:
@@ -79,57 +87,84 @@ class ModelHolder:
             return "loading"
         return "error" if self._error is not None else "idle"
 
-    def get(self) -> Engine:
-        """The engine, loading it first if needed; ModelUnavailable on failure or timeout."""
+    def retry_in(self) -> float:
+        """Seconds until the next load may be tried (0 when it may be tried now)."""
+        retry_at = self._retry_at
+        return 0.0 if retry_at is None else max(0.0, retry_at - time.monotonic())
+
+    def get(self, *, wait_s: float | None = None) -> Engine:
+        """The engine, loading it first if needed.
+
+        Waits at most ``wait_s`` (default MODEL_LOAD_TIMEOUT_S) for a load under way; during a failed
+        load's backoff, raises at once. ModelUnavailable either way, with ``Retry-After``.
+        """
         engine = self._engine
         if engine is not None:
             return engine
-        attempts_seen = self._finished_attempts
-        if not self._lock.acquire(timeout=self.settings.model_load_timeout_s):
+        self._refuse_during_backoff()
+        wait = self.settings.model_load_timeout_s if wait_s is None else wait_s
+        if not self._lock.acquire(timeout=wait):
             raise ModelUnavailable(
-                f"expected the model to load within {self.settings.model_load_timeout_s:g} s, "
-                "found it still loading; retry shortly"
+                f"expected the model to be loaded, found it still loading after {wait:g} s; retry shortly",
+                retry_after_s=ModelUnavailable.retry_after_s,
             )
         try:
             if self._engine is not None:
                 return self._engine
-            if self._finished_attempts > attempts_seen and self._error is not None:
-                # a load finished and failed while we waited: share its answer, don't hammer storage
-                raise ModelUnavailable(f"model unavailable: {self._error}")
+            self._refuse_during_backoff()  # a load finished and failed while we waited
             return self._load()
         finally:
             self._lock.release()
 
+    def _refuse_during_backoff(self) -> None:
+        remaining = self.retry_in()
+        if remaining > 0 and self._error is not None:
+            raise ModelUnavailable(
+                f"expected the model to be loaded, found {self._error}; the next attempt is in {math.ceil(remaining)} s",
+                detail=self._error.detail,
+                retry_after_s=math.ceil(remaining),
+            )
+
     def _load(self) -> Engine:
-        from model_fetch import FetchError, fetch_model
+        from model_fetch import FetchError, default_cache_dir, fetch_model
+        from model_fetch.cache import private_dir
 
         started = time.perf_counter()
         settings = self.settings
+        self.attempts += 1
         try:
             if settings.demo_refused:
                 raise ConfigError(
                     f"expected MODEL_URI to name the model to serve on {settings.platform}, found it empty; "
                     "set MODEL_URI (or ALLOW_DEMO_MODEL=true to serve the synthetic demo, not for diagnosis)"
                 )
+            cache = private_dir(
+                Path(settings.model_cache_dir) if settings.model_cache_dir else default_cache_dir()
+            )
             fetched = fetch_model(
                 settings.model_uri,
-                cache_dir=settings.model_cache_dir,
+                cache_dir=cache,
                 expected_sha256=settings.model_sha256,
                 timeout_s=settings.model_fetch_timeout_s,
+                max_bytes=settings.max_model_bytes,
             )
-            engine = load_engine(fetched.path, sha256=fetched.sha256, num_threads=settings.litert_threads)
+            with CrashMarker(cache / "loading", key=fetched.sha256) as marker:
+                marker.refuse_after(MAX_CRASHED_LOADS)
+                engine = load_engine(
+                    fetched.path,
+                    sha256=fetched.sha256,
+                    num_threads=settings.litert_threads,
+                    weight_cache_dir=cache / "xnnpack",
+                )
         except Exception as exc:
-            self._error = f"{type(exc).__name__}: {exc}"
-            self._failed_at = time.monotonic()
-            expected = isinstance(exc, (FetchError, DermalError, OSError))
-            logger.error(
-                "model load failed",
-                exc_info=None if expected else exc,
-                extra={"json_fields": {"model_uri": settings.model_uri, "error": self._error}},
-            )
-            raise ModelUnavailable(f"model unavailable: {self._error}") from exc
-        finally:
-            self._finished_attempts += 1
+            self._failed(exc, expected=isinstance(exc, (FetchError, DermalError, OSError)))
+            assert self._error is not None
+            raise ModelUnavailable(
+                f"expected the model to be loaded, found {self._error}; "
+                f"the next attempt is in {math.ceil(self.retry_in())} s",
+                detail=self._error.detail,
+                retry_after_s=math.ceil(self.retry_in()),
+            ) from exc
         self.load_seconds = time.perf_counter() - started
         self.loaded_at = time.time()
         self.fetch_info = {
@@ -139,8 +174,7 @@ class ModelHolder:
             "fetch_seconds": round(fetched.seconds, 3),
         }
         self._engine = engine
-        self._error = None
-        self._failed_at = None
+        self._error, self._failures, self._retry_at = None, 0, None
         logger.info(
             "model loaded",
             extra={
@@ -156,19 +190,38 @@ class ModelHolder:
         )
         return engine
 
+    def _failed(self, exc: Exception, *, expected: bool) -> None:
+        """Remember a failed load and when the next may be tried; log the cause (never to clients)."""
+        self._failures += 1
+        delay = min(MAX_BACKOFF_S, self.settings.model_retry_s * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        cause = f"{type(exc).__name__}: {exc}"
+        self._error = DermalError(f"that the model could not be loaded ({type(exc).__name__})", detail=cause)
+        logger.error(
+            "model load failed",
+            exc_info=None if expected else exc,
+            extra={
+                "json_fields": {
+                    "model_uri": self.settings.model_uri,
+                    "error": cause,
+                    "failures": self._failures,
+                    "retry_in_s": delay,
+                }
+            },
+        )
+
     def warm(self) -> bool:
         """Start loading in the background (a platform's health check warms the instance).
 
         True when a load is now under way (started here or already running), False when the model
-        is loaded or a recent failure is still cooling down.
+        is loaded or a failed load's backoff has not passed.
         """
         if self._engine is not None:
             return False
         if self._lock.locked():
             return True
-        failed_at = self._failed_at
-        if failed_at is not None and time.monotonic() - failed_at < ModelUnavailable.retry_after_s:
-            return False  # a request retries at once; a polling health check waits a little
+        if self.retry_in() > 0:
+            return False
         with self._state_lock:
             if self._warming is None or not self._warming.is_alive():
                 self._warming = threading.Thread(target=self._warm, name="dermal-warm", daemon=True)
@@ -180,39 +233,83 @@ class ModelHolder:
             self.get()
 
 
+class CrashMarker:
+    """A file that says "a load of this model is under way" while it is, and how many did not finish.
+
+    Written before the load, removed when it returns or raises; a marker that is still there when
+    the next worker starts means the load killed the process (a segfault, the OOM killer).
+    """
+
+    def __init__(self, folder: Path, *, key: str) -> None:
+        self.path = folder / f"{key[:32]}.loading"
+        self.crashed = 0
+
+    def __enter__(self) -> CrashMarker:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.crashed = int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            self.crashed = 0
+        self.path.write_text(f"{self.crashed + 1} pid {os.getpid()}\n")
+        return self
+
+    def refuse_after(self, limit: int) -> None:
+        """BundleError when earlier loads of this model killed the worker ``limit`` times in a row."""
+        if self.crashed >= limit:
+            raise BundleError(
+                f"expected the model to load, found it killed the worker {self.crashed} times while loading "
+                "(a corrupt or incompatible backbone); replace the model file to try again",
+                detail=f"crash marker {self.path}",
+            )
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None or not isinstance(exc, BundleError) or self.crashed < MAX_CRASHED_LOADS:
+            self.path.unlink(missing_ok=True)
+
+
 class InferenceGate:
-    """At most ``concurrency`` requests decode and infer at once; at most ``max_queue`` wait."""
+    """Admission for predict requests, then one inference slot.
+
+    ``admission()`` is held for a request's whole life (receiving the body, waiting for the model or
+    the slot, inferring): at most ``concurrency + max_queue`` at once, the rest refused at once with
+    503, so slow uploads or a slow model load can never take every server thread from ``/health``.
+    Inside, at most ``concurrency`` decode and infer at once (``with gate:``).
+    """
 
     def __init__(self, *, concurrency: int, max_queue: int, timeout_s: float) -> None:
         self._slots = threading.BoundedSemaphore(concurrency)
-        self._waiting = 0
+        self._tickets = threading.BoundedSemaphore(concurrency + max_queue)
+        self._admitted = 0
         self._guard = threading.Lock()
+        self.capacity = concurrency + max_queue
         self.max_queue = max_queue
         self.timeout_s = timeout_s
 
     @property
-    def waiting(self) -> int:
-        """Requests waiting for a slot now."""
-        return self._waiting
+    def admitted(self) -> int:
+        """Predict requests in flight now (any phase)."""
+        return self._admitted
 
-    def check_capacity(self) -> None:
-        """Refuse early (before the body is read) when the queue is already full."""
-        if self._waiting >= self.max_queue and self._waiting > 0:
-            raise Overloaded(f"expected at most {self.max_queue} queued requests, found the queue full")
-
-    def __enter__(self) -> InferenceGate:
-        if self._slots.acquire(blocking=False):
-            return self
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold one of the ``concurrency + max_queue`` places, or raise Overloaded at once."""
+        if not self._tickets.acquire(blocking=False):
+            raise Overloaded(
+                f"expected at most {self.capacity} predict requests in flight "
+                f"(MAX_QUEUE {self.max_queue} + the one running), found them all taken"
+            )
         with self._guard:
-            if self._waiting >= self.max_queue:
-                raise Overloaded(f"expected at most {self.max_queue} queued requests, found the queue full")
-            self._waiting += 1
+            self._admitted += 1
         try:
-            if not self._slots.acquire(timeout=self.timeout_s):
-                raise Overloaded(f"expected a free model slot within {self.timeout_s:g} s, found none")
+            yield
         finally:
             with self._guard:
-                self._waiting -= 1
+                self._admitted -= 1
+            self._tickets.release()
+
+    def __enter__(self) -> InferenceGate:
+        if not self._slots.acquire(timeout=self.timeout_s):
+            raise Overloaded(f"expected a free model slot within {self.timeout_s:g} s, found none")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -285,7 +382,7 @@ class Service:
         then assemble the body.
         """
         started = timer()
-        engine = self.holder.get()
+        engine = self.holder.get(wait_s=self.settings.queue_timeout_s)
         info = engine.info
         checked = options.checked(info.labels)
         with self.gate:
