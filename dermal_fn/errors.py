@@ -18,6 +18,7 @@
     │   └── InsufficientMemory    decoding this image now would not fit in the memory left
     ├── ConfigError               an environment variable has a value we cannot use
     ├── BundleError               a bundle file is malformed or of an unknown version
+    │   └── ModelCrashed          loading it killed the worker before (its message is safe to show anyone)
     └── ExportError               a Keras model cannot be exported faithfully
         └── UnsupportedLayer      the head holds a layer the NumPy head cannot differentiate
 
@@ -123,6 +124,10 @@ class ConfigError(DermalError):
 
 class BundleError(DermalError):
     """A bundle file is malformed or of an unknown version."""
+
+
+class ModelCrashed(BundleError):
+    """Loading this model killed the worker process before; it is not loaded again until it changes."""
 
 
 class ExportError(DermalError):

@@ -136,8 +136,11 @@ class ServerProcess:
         log_path: Path,
         port: int | None = None,
         inherit_env: bool = True,
+        wrap: Callable[[list[str]], tuple[list[str], dict[str, str]]] | None = None,
     ) -> None:
+        """``wrap``: turns the start command into another (and extra variables), e.g. a cgroup's ``wrap``."""
         self.port = port if port is not None else free_port()
+        self.wrap = wrap
         self.log_path = Path(log_path)
         base = dict(os.environ) if inherit_env else {}
         for name in SCRUBBED:
@@ -166,12 +169,15 @@ class ServerProcess:
         if self.running:
             raise RuntimeError(f"expected a stopped server, found one running at {self.url}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv, extra = start_argv(self.port), {}
+        if self.wrap is not None:
+            argv, extra = self.wrap(argv)
         with open(self.log_path, "ab") as log:
             self.started_at = time.monotonic()
             self.process = subprocess.Popen(
-                start_argv(self.port),
+                argv,
                 cwd=REPO_ROOT,
-                env=self.env,
+                env={**self.env, **extra},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -273,6 +279,11 @@ class ServerProcess:
             timeout_s=timeout_s,
         )
         return status, json.loads(body)
+
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers: the group's processes but the master."""
+        master = self.process.pid if self.process is not None else -1
+        return [pid for pid in self.pids() if pid != master]
 
     # --- what it did ---
 

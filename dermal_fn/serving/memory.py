@@ -25,6 +25,17 @@ _CONTROLLER_DIRS = {
 }
 
 
+def disable_core_dumps() -> bool:
+    """Set this process's core-file limit to 0 (a crash must not write a photo to disk); False if refused."""
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def rss_mb() -> float:
     """Resident set size of this process in MB (from /proc via psutil)."""
     return float(psutil.Process().memory_info().rss) / MIB

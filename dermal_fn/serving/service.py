@@ -23,7 +23,7 @@ from PIL import Image
 
 from dermal_fn.core import imaging, render
 from dermal_fn.core.engine import Engine, Inference, ModelInfo
-from dermal_fn.errors import BundleError, ConfigError, DermalError, ModelUnavailable, Overloaded
+from dermal_fn.errors import ConfigError, DermalError, ModelCrashed, ModelUnavailable, Overloaded
 from dermal_fn.serving import memory
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.engines import load_engine
@@ -148,8 +148,7 @@ class ModelHolder:
                 timeout_s=settings.model_fetch_timeout_s,
                 max_bytes=settings.max_model_bytes,
             )
-            with CrashMarker(cache / "loading", key=fetched.sha256) as marker:
-                marker.refuse_after(MAX_CRASHED_LOADS)
+            with CrashMarker(cache / "loading", key=fetched.sha256):
                 engine = load_engine(
                     fetched.path,
                     sha256=fetched.sha256,
@@ -194,9 +193,14 @@ class ModelHolder:
         """Remember a failed load and when the next may be tried; log the cause (never to clients)."""
         self._failures += 1
         delay = min(MAX_BACKOFF_S, self.settings.model_retry_s * 2 ** (self._failures - 1))
+        if isinstance(exc, ModelCrashed):
+            delay = MAX_BACKOFF_S  # it will crash again until the file changes: look again rarely
         self._retry_at = time.monotonic() + delay
         cause = f"{type(exc).__name__}: {exc}"
-        self._error = DermalError(f"that the model could not be loaded ({type(exc).__name__})", detail=cause)
+        public = f"that the model could not be loaded ({type(exc).__name__})"
+        if isinstance(exc, ModelCrashed):  # no path, bucket or endpoint in it: say why to everyone
+            public = f"{public}: {exc}"
+        self._error = DermalError(public, detail=cause)
         logger.error(
             "model load failed",
             exc_info=None if expected else exc,
@@ -236,12 +240,15 @@ class ModelHolder:
 class CrashMarker:
     """A file that says "a load of this model is under way" while it is, and how many did not finish.
 
-    Written before the load, removed when it returns or raises; a marker that is still there when
-    the next worker starts means the load killed the process (a segfault, the OOM killer).
+    On entry: the count left by earlier loads of the same model is read; at ``limit`` or more the
+    load is refused (ModelCrashed) and the marker stays; otherwise it is written one higher. On exit
+    (the load returned or raised) it is removed. A marker still there when the next worker starts
+    means the load killed the process: a segfault in the runtime, or the OOM killer.
     """
 
-    def __init__(self, folder: Path, *, key: str) -> None:
+    def __init__(self, folder: Path, *, key: str, limit: int = MAX_CRASHED_LOADS) -> None:
         self.path = folder / f"{key[:32]}.loading"
+        self.limit = limit
         self.crashed = 0
 
     def __enter__(self) -> CrashMarker:
@@ -250,21 +257,17 @@ class CrashMarker:
             self.crashed = int(self.path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             self.crashed = 0
-        self.path.write_text(f"{self.crashed + 1} pid {os.getpid()}\n")
-        return self
-
-    def refuse_after(self, limit: int) -> None:
-        """BundleError when earlier loads of this model killed the worker ``limit`` times in a row."""
-        if self.crashed >= limit:
-            raise BundleError(
+        if self.crashed >= self.limit:
+            raise ModelCrashed(
                 f"expected the model to load, found it killed the worker {self.crashed} times while loading "
                 "(a corrupt or incompatible backbone); replace the model file to try again",
                 detail=f"crash marker {self.path}",
             )
+        self.path.write_text(f"{self.crashed + 1} pid {os.getpid()}\n")
+        return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None or not isinstance(exc, BundleError) or self.crashed < MAX_CRASHED_LOADS:
-            self.path.unlink(missing_ok=True)
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class InferenceGate:
@@ -348,6 +351,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pid = os.getpid()
+        memory.disable_core_dumps()  # this process will hold photos: a crash must not write them out
         self.holder = ModelHolder(settings)
         self.gate = InferenceGate(
             concurrency=1, max_queue=settings.max_queue, timeout_s=settings.queue_timeout_s
