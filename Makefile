@@ -10,25 +10,33 @@ TEST_VENV := .venv-test
 TPY := $(TEST_VENV)/bin/python
 TEST_STAMP := $(TEST_VENV)/.test-installed
 
-.PHONY: serve test lint typecheck pytest pytest-serving pytest-tensorflow test-models demo-model bench bench-smoke browser clean
+.PHONY: serve test lock lint typecheck pytest pytest-serving pytest-tensorflow test-models demo-model bench bench-smoke browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(SERVE_STAMP): requirements.txt | $(PY)
-	$(PY) -m pip install --quiet -r requirements.txt
+# every environment installs from its lock file: all transitive versions pinned, every file's hash checked
+$(SERVE_STAMP): requirements.lock | $(PY)
+	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
 	touch $@
 
-$(DEV_STAMP): requirements.txt requirements-test.txt requirements-dev.txt | $(PY)
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+$(DEV_STAMP): requirements-dev.lock | $(PY)
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
 	touch $(SERVE_STAMP) $@
 
-$(TEST_STAMP): requirements.txt requirements-test.txt
+$(TEST_STAMP): requirements-test.lock
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TPY) -m pip install --quiet --upgrade pip
-	$(TPY) -m pip install --quiet -r requirements-test.txt
+	$(TPY) -m pip install --quiet --require-hashes -r requirements-test.lock
 	touch $@
+
+## re-lock requirements*.txt into requirements*.lock (hashes; Linux x86-64, Python 3.11.7 as on Render)
+lock: | $(PY)
+	$(PY) -m pip install --quiet uv==0.13.9
+	for name in requirements requirements-test requirements-dev; do \
+	  $(VENV)/bin/uv pip compile $$name.txt --generate-hashes --python-version 3.11.7 \
+	    --python-platform x86_64-unknown-linux-gnu --no-header --quiet -o $$name.lock; done
 
 ## serve the bundled synthetic demo model exactly as render.yaml starts it
 serve: $(SERVE_STAMP)

@@ -1,6 +1,6 @@
 """Issue 11's table against EfficientNetV2-S @384, served as render.yaml serves it, in a real 512 MiB cgroup.
 
-    python -m bench.hostile [--model bench/out/effnetv2s_384_none.dermal] [--repeat 3] [--json OUT]
+    python -m bench.hostile [--model bench/out/effnetv2s_384_none.dermal] [--repeat 3] [--json OUT] [--repo DIR]
 
 For each upload built to expand (tests/hostile_fixtures.expanding_images: 16-bit, RGBA, float32 TIFF
 6000x4000; CMYK and RGB JPEG 65500x729), a 200 MB body sent to ``GET /health``, and a 12 MP phone
@@ -12,6 +12,7 @@ bundle with bytes flipped in its flatbuffer: what /health and /predict answer. M
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
 import json
 import socket
@@ -80,7 +81,7 @@ def damaged_copy(bundle: Path, out: Path) -> Path:
     return out
 
 
-def run(model: Path, *, repeat: int, out_dir: Path) -> dict[str, Any]:
+def run(model: Path, *, repeat: int, out_dir: Path, repo: Path = REPO) -> dict[str, Any]:
     """Serve ``model`` in a 512 MiB cgroup and send it the table; the answers and the memory figures."""
     sys.path.insert(0, str(REPO))
     from bench.images import PHONE_SIZE, photo_jpeg
@@ -89,8 +90,13 @@ def run(model: Path, *, repeat: int, out_dir: Path) -> dict[str, Any]:
     photo = photo_jpeg(PHONE_SIZE)
     uploads = hf.expanding_images()
     group = cgroup.create(f"dermal-hostile-{time.time_ns()}", limit_bytes=512 * MIB)
-    result: dict[str, Any] = {"model": model.name, "cgroup_version": group.version, "rows": {}}
-    server = Server(model_uri=model, log_path=out_dir / "hostile-server.log", wrap=group.wrap([]))
+    result: dict[str, Any] = {
+        "model": model.name,
+        "cgroup_version": group.version,
+        "rows": {},
+        "repo": str(repo),
+    }
+    server = Server(model_uri=model, log_path=out_dir / "hostile-server.log", wrap=group.wrap([]), repo=repo)
     try:
         server.start()
         result["cold_start_s"] = round(server.wait_first_200(photo), 2)
@@ -100,8 +106,12 @@ def run(model: Path, *, repeat: int, out_dir: Path) -> dict[str, Any]:
             answers = []
             for _ in range(repeat):
                 started = time.perf_counter()
-                status, body = post(server.port, data, content_type=f"image/{kind}")
-                code = json.loads(body).get("error", {}).get("code") if status != 200 else None
+                try:
+                    status, body = post(server.port, data, content_type=f"image/{kind}")
+                    code = json.loads(body).get("error", {}).get("code") if status != 200 else None
+                except (OSError, http.client.HTTPException, ValueError) as exc:  # e.g. the worker was killed
+                    status, code = 0, type(exc).__name__
+                    time.sleep(2.0)  # gunicorn starts another worker
                 answers.append(
                     {"status": status, "code": code, "ms": round((time.perf_counter() - started) * 1e3)}
                 )
@@ -113,13 +123,17 @@ def run(model: Path, *, repeat: int, out_dir: Path) -> dict[str, Any]:
         status, _ = post(server.port, photo)
         result["photo_after"] = status
         result["worker_same"] = _children(server.pid) == [worker]
-        result["worker_peak_mb"] = round(_status_kb(worker, "VmHWM:") / 1024, 1)
+        result["worker_peak_mb"] = round(
+            max(_status_kb(pid, "VmHWM:") for pid in _children(server.pid)) / 1024, 1
+        )
         result["master_peak_mb"] = round(_status_kb(server.pid, "VmHWM:") / 1024, 1)
         result["cgroup"] = group.events()
     finally:
         server.stop()
     damaged = damaged_copy(model, out_dir / "damaged.dermal")
-    broken = Server(model_uri=damaged, log_path=out_dir / "hostile-damaged.log", wrap=group.wrap([]))
+    broken = Server(
+        model_uri=damaged, log_path=out_dir / "hostile-damaged.log", wrap=group.wrap([]), repo=repo
+    )
     try:
         broken.start()
         deadline = time.monotonic() + 60
@@ -189,10 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--repo", type=Path, default=REPO, help="serve this checkout's main.py (an older version)"
+    )
     args = parser.parse_args(argv)
     out_dir = REPO / "bench" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = run(args.model, repeat=args.repeat, out_dir=out_dir)
+    result = run(args.model, repeat=args.repeat, out_dir=out_dir, repo=args.repo.resolve())
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     sys.stdout.write(markdown(result) + "\n")

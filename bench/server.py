@@ -73,7 +73,10 @@ class Server:
         env: Mapping[str, str] | None = None,
         wrap: tuple[list[str], dict[str, str]] | None = None,
         without: tuple[str, ...] = (),
+        repo: Path = REPO,
     ) -> None:
+        """``repo``: the checkout whose main.py is served (another one to measure an older version)."""
+        self.repo = repo
         self.model_uri = str(model_uri)
         self.log_path = log_path
         self.extra_env = dict(env or {})
@@ -123,7 +126,7 @@ class Server:
         log = open(self.log_path, "wb")  # noqa: SIM115 (closed with the process)
         self.spawned_at = time.perf_counter()
         self.process = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=self.repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,17 @@ def test_a_refused_demo_is_model_unavailable_with_the_fix_in_the_message() -> No
     assert refused.value.detail is not None and "ALLOW_DEMO_MODEL=true" in refused.value.detail
     assert holder.state == "error"
     assert ModelHolder(Settings.from_env({"RENDER": "true", "ALLOW_DEMO_MODEL": "1"})).get().info.labels
+
+
+def test_requests_after_a_failed_load_do_not_fetch_again_until_the_backoff_passes(tmp_path: Path) -> None:
+    missing = tmp_path / "model.dermal"
+    holder = ModelHolder(Settings(model_uri=str(missing), model_retry_s=0.3))
+    for _ in range(6):
+        with pytest.raises(ModelUnavailable) as refused:
+            holder.get()
+        assert refused.value.retry_after_s == 1
+    assert holder.attempts == 1  # six requests, one attempt (the seed: one fetch each)
+    time.sleep(0.35)
+    with pytest.raises(ModelUnavailable):
+        holder.get()
+    assert holder.attempts == 2 and 0.3 < holder.retry_in() <= 0.6  # the backoff doubled

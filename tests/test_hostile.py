@@ -526,3 +526,32 @@ def test_heatmap_lands_on_the_lesion_as_shown_for_exif_rotated_photos(orientatio
         int(max(0, (col - 1) * cell_w)) : int((col + 2) * cell_w),
     ]
     assert window.any()  # the peak (within one cell) lies on the lesion as the viewer shows it
+
+
+def test_a_slow_model_load_never_takes_every_thread_from_health(small_bundle: Path) -> None:
+    """12 predicts while the load is under way (MAX_QUEUE 8): 9 are admitted and wait, 3 are refused at once."""
+    settings = hf.settings_for(small_bundle, max_queue=8, queue_timeout_s=3.0)
+    with hf.client_for(settings) as test_client:
+        holder = get_service().holder
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def call() -> None:
+            response = test_client.post("/predict", data=JPEG, content_type="image/jpeg")
+            with lock:
+                statuses.append(response.status_code)
+
+        with holder._lock:  # a load is under way (it holds this lock for its whole length)
+            threads = [threading.Thread(target=call) for _ in range(12)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 5
+            while len(statuses) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(statuses) == [503, 503, 503]  # refused at once: the house is full
+            assert get_service().gate.admitted == 9
+            health = test_client.get("/health")
+            assert health.status_code == 200 and health.get_json()["model_state"] == "loading"
+        for thread in threads:
+            thread.join(timeout=10)
+        assert sorted(statuses) == [200] * 9 + [503] * 3  # the load finished: the admitted ones are served

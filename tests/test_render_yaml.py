@@ -52,7 +52,7 @@ def test_web_service_on_the_free_plan(service: dict[str, Any]) -> None:
     assert service["type"] == "web"
     assert service["runtime"] == "python"
     assert service["plan"] == "free"
-    assert service["buildCommand"] == "pip install -r requirements.txt"
+    assert service["buildCommand"] == "pip install --require-hashes -r requirements.lock"
     assert service["healthCheckPath"] == "/health"
     assert (REPO_ROOT / "requirements.txt").is_file()
 
@@ -137,3 +137,28 @@ def test_values_are_a_valid_configuration_with_the_defaults(env_vars: dict[str, 
 def test_demo_default_when_model_uri_is_left_empty() -> None:
     assert Settings.from_env({"MODEL_URI": ""}).model_uri.endswith("synthetic_demo.dermal")
     assert Path(Settings().model_uri).parent.name == "models"
+
+
+@pytest.mark.parametrize("name", ["requirements", "requirements-test", "requirements-dev"])
+def test_each_lock_file_pins_what_its_requirements_file_asks_for(name: str) -> None:
+    """`make lock` output agrees with the .txt files, and every locked line carries hashes."""
+
+    def pins(path: Path) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("-r "):
+                found.update(pins(path.parent / line[3:].strip()))
+            elif "==" in line:
+                package, _, version = line.partition("==")
+                found[package.strip().lower().replace("_", "-").replace(".", "-")] = version.split()[0].strip(
+                    " \\"
+                )
+        return found
+
+    wanted = pins(REPO_ROOT / f"{name}.txt")
+    lock_text = (REPO_ROOT / f"{name}.lock").read_text()
+    locked = pins(REPO_ROOT / f"{name}.lock")
+    assert {package: locked.get(package) for package in wanted} == wanted, "run `make lock`"
+    entries = [chunk for chunk in lock_text.split("\n") if "==" in chunk and not chunk.startswith(" ")]
+    assert entries and all(entry.rstrip().endswith("\\") for entry in entries)  # each has --hash lines

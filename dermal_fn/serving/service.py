@@ -120,7 +120,7 @@ class ModelHolder:
         remaining = self.retry_in()
         if remaining > 0 and self._error is not None:
             raise ModelUnavailable(
-                f"expected the model to be loaded, found {self._error}; the next attempt is in {math.ceil(remaining)} s",
+                f"expected the model to be loaded, found that {self._error}; the next attempt is in {math.ceil(remaining)} s",
                 detail=self._error.detail,
                 retry_after_s=math.ceil(remaining),
             )
@@ -159,7 +159,7 @@ class ModelHolder:
             self._failed(exc, expected=isinstance(exc, (FetchError, DermalError, OSError)))
             assert self._error is not None
             raise ModelUnavailable(
-                f"expected the model to be loaded, found {self._error}; "
+                f"expected the model to be loaded, found that {self._error}; "
                 f"the next attempt is in {math.ceil(self.retry_in())} s",
                 detail=self._error.detail,
                 retry_after_s=math.ceil(self.retry_in()),
@@ -197,7 +197,7 @@ class ModelHolder:
             delay = MAX_BACKOFF_S  # it will crash again until the file changes: look again rarely
         self._retry_at = time.monotonic() + delay
         cause = f"{type(exc).__name__}: {exc}"
-        public = f"that the model could not be loaded ({type(exc).__name__})"
+        public = f"the model could not be loaded ({type(exc).__name__})"
         if isinstance(exc, ModelCrashed):  # no path, bucket or endpoint in it: say why to everyone
             public = f"{public}: {exc}"
         self._error = DermalError(public, detail=cause)
