@@ -321,3 +321,32 @@ def test_requests_after_a_failed_load_do_not_fetch_again_until_the_backoff_passe
     with pytest.raises(ModelUnavailable):
         holder.get()
     assert holder.attempts == 2 and 0.3 < holder.retry_in() <= 0.6  # the backoff doubled
+
+
+def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from dermal_fn.errors import ModelCrashed
+    from dermal_fn.serving.service import CrashMarker
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / f"abc.{live.pid}.loading").write_text("")  # another server loading it right now
+        with CrashMarker(tmp_path, key="abc") as marker:  # not a crash: it loads
+            assert marker.crashed == [] and marker.path.exists()
+        assert not marker.path.exists()
+        for n in (1, 2):
+            (tmp_path / f"abc.{dead_pid + n * 100_000}.loading").write_text("")  # died while loading
+        with pytest.raises(ModelCrashed, match="killed the worker 2 times"):
+            CrashMarker(tmp_path, key="abc").__enter__()
+        assert len(list(tmp_path.glob("abc.*.loading"))) == 3  # the verdict stays
+        with CrashMarker(tmp_path, key="other"):  # another model is not affected
+            pass
+    finally:
+        live.kill()
+        live.wait()

@@ -238,36 +238,51 @@ class ModelHolder:
 
 
 class CrashMarker:
-    """A file that says "a load of this model is under way" while it is, and how many did not finish.
+    """Files that say "this process is loading this model"; the ones of dead processes are crashed loads.
 
-    On entry: the count left by earlier loads of the same model is read; at ``limit`` or more the
-    load is refused (ModelCrashed) and the marker stays; otherwise it is written one higher. On exit
-    (the load returned or raised) it is removed. A marker still there when the next worker starts
-    means the load killed the process: a segfault in the runtime, or the OOM killer.
+    On entry: markers of this model left by processes that no longer run are counted; at ``limit`` or
+    more the load is refused (ModelCrashed) and they stay. Otherwise this process writes its own
+    marker (``<key>.<pid>.loading``), removed on exit (the load returned or raised); a successful
+    load also clears the dead ones. A marker whose process still runs is a concurrent load of the
+    same model (another server on the machine, a restarting worker), not a crash.
     """
 
     def __init__(self, folder: Path, *, key: str, limit: int = MAX_CRASHED_LOADS) -> None:
-        self.path = folder / f"{key[:32]}.loading"
+        self.folder = folder
+        self.key = key[:32]
         self.limit = limit
-        self.crashed = 0
+        self.path = folder / f"{self.key}.{os.getpid()}.loading"
+        self.crashed: list[Path] = []
 
     def __enter__(self) -> CrashMarker:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            self.crashed = int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            self.crashed = 0
-        if self.crashed >= self.limit:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.crashed = [m for m in self.folder.glob(f"{self.key}.*.loading") if not _process_alive(m)]
+        if len(self.crashed) >= self.limit:
             raise ModelCrashed(
-                f"expected the model to load, found it killed the worker {self.crashed} times while loading "
-                "(a corrupt or incompatible backbone); replace the model file to try again",
-                detail=f"crash marker {self.path}",
+                f"expected the model to load, found it killed the worker {len(self.crashed)} times while "
+                "loading (a corrupt or incompatible backbone); replace the model file to try again",
+                detail=f"crash markers in {self.folder}",
             )
-        self.path.write_text(f"{self.crashed + 1} pid {os.getpid()}\n")
+        self.path.write_text(f"{os.getpid()}\n")
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.path.unlink(missing_ok=True)
+        if exc_type is None:
+            for marker in self.crashed:  # it loaded after all: the history is no longer a verdict
+                marker.unlink(missing_ok=True)
+
+
+def _process_alive(marker: Path) -> bool:
+    """Whether the process named in ``<key>.<pid>.loading`` still runs."""
+    try:
+        pid = int(marker.name.split(".")[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class InferenceGate:
