@@ -285,7 +285,7 @@ def test_wrong_route_or_method(client: Any, method: str, path: str, status: int,
 def assert_prediction(response: Any) -> dict[str, Any]:
     assert response.status_code == 200, response.get_data(as_text=True)[:300]
     body = response.get_json()
-    assert set(body) == {"model", "predictions", "gradcam", "timing_ms"}
+    assert set(body) == {"model", "predictions", "gradcam", "timing_ms", "assessment"}
     assert len(body["predictions"]) == 3
     assert body["gradcam"]["status"] == "ok"
     return body

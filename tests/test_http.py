@@ -69,13 +69,23 @@ def post_json(client: Client, data: bytes, keys: dict[str, Any] | None = None, q
 def check_body(body: dict[str, Any], bundle: Path, *, top_k: int = 3) -> None:
     """The contract's 200 body, exactly."""
     labels = labels_of(bundle)
-    assert set(body) == {"model", "predictions", "gradcam", "timing_ms"}
+    assert set(body) == {"model", "predictions", "gradcam", "timing_ms", "assessment"}
     assert body["model"] == {
         "name": "tiny-test-model",
         "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
         "backend": "litert",
         "labels": list(labels),
+        "calibrated": False,
     }
+    assessment = body["assessment"]
+    assert set(assessment) == {"quality", "distribution", "confidence"}
+    assert assessment["distribution"] == {"status": "unknown", "score": None, "threshold": None}
+    assert assessment["quality"]["status"] in ("ok", "poor")
+    confidence = assessment["confidence"]
+    assert confidence["max_probability"] == pytest.approx(body["predictions"][0]["probability"], abs=1e-6)
+    assert confidence["status"] == (
+        "confident" if confidence["max_probability"] >= confidence["threshold"] else "uncertain"
+    )
     predictions = body["predictions"]
     assert len(predictions) == top_k
     for p in predictions:

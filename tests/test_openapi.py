@@ -39,7 +39,7 @@ def api_schema(server: hf.ServerProcess) -> Any:
 def test_document_lists_every_route_and_error_code() -> None:
     spec = json.loads(SPEC_PATH.read_text())
     assert spec["openapi"].startswith("3.")
-    assert set(spec["paths"]) == {"/predict", "/", "/health", "/memory", "/openapi.json"}
+    assert set(spec["paths"]) == {"/predict", "/", "/health", "/memory", "/model", "/openapi.json"}
     predict = spec["paths"]["/predict"]["post"]
     assert set(predict["responses"]) == {"200", "400", "401", "405", "413", "415", "422", "503"}
     assert set(predict["requestBody"]["content"]) >= {
@@ -48,7 +48,7 @@ def test_document_lists_every_route_and_error_code() -> None:
         "application/octet-stream",
         "image/jpeg",
     }
-    assert {p["name"] for p in predict["parameters"]} == {"top_k", "class", "score", "gradcam"}
+    assert {p["name"] for p in predict["parameters"]} == {"top_k", "class", "score", "gradcam", "assess"}
     assert "Retry-After" in predict["responses"]["503"]["headers"]
     from dermal_fn.serving.http import ERROR_TABLE
 
@@ -71,6 +71,7 @@ def test_schemathesis_accepts_the_document() -> None:
         ("POST", "/"),
         ("GET", "/health"),
         ("GET", "/memory"),
+        ("GET", "/model"),
         ("GET", "/openapi.json"),
     }
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from dermal_fn.core.head import Head
 from dermal_fn.core.imaging import INPUT_SCALES, RESIZE_METHODS, InputScale
+from dermal_fn.core.trust import Calibration
 from dermal_fn.errors import BundleError
 
 FORMAT = "dermal-fn-bundle"
@@ -34,6 +35,7 @@ VERSION = 1
 TFLITE_IDENTIFIER = b"TFL3"
 MANIFEST = "manifest.json"
 HEAD_ARRAYS = "head.npz"
+CALIBRATION_ARRAYS = "calibration.npz"  # present in calibrated bundles only
 SUFFIX = ".dermal"
 MIB = 1024 * 1024
 MAX_MANIFEST_BYTES = 1 * MIB
@@ -81,11 +83,12 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A bundle read from disk: its manifest and head; the backbone stays in the file."""
+    """A bundle read from disk: its manifest, head and calibration; the backbone stays in the file."""
 
     path: Path
     manifest: Manifest
     head: Head
+    calibration: Calibration | None = None
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -94,18 +97,29 @@ def is_bundle(path: str | Path) -> bool:
         return f.read(8)[4:8] == TFLITE_IDENTIFIER
 
 
-def write(path: str | Path, *, backbone: bytes, manifest: Manifest, head: Head) -> None:
+def write(
+    path: str | Path,
+    *,
+    backbone: bytes,
+    manifest: Manifest,
+    head: Head,
+    calibration: Calibration | None = None,
+) -> None:
     """Write a bundle file atomically (temp file in the same folder, then rename)."""
     if backbone[4:8] != TFLITE_IDENTIFIER:
         raise BundleError("expected a LiteRT flatbuffer for the backbone, found other bytes")
     head_spec, arrays = head.to_spec()
     manifest = dataclasses.replace(manifest, backbone_bytes=len(backbone), backbone_crc32=crc32_hex(backbone))
+    document = manifest.to_json(head_spec)
+    document.pop("calibration", None)  # only the calibration given here, with its arrays
+    if calibration is not None:
+        document["calibration"] = dict(calibration.section)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
-        z.writestr(MANIFEST, json.dumps(manifest.to_json(head_spec), indent=1, sort_keys=True))
-        npz = io.BytesIO()
-        np.savez(npz, **arrays)  # type: ignore[arg-type]
-        z.writestr(HEAD_ARRAYS, npz.getvalue())
+        z.writestr(MANIFEST, json.dumps(document, indent=1, sort_keys=True))
+        z.writestr(HEAD_ARRAYS, _npz(arrays))
+        if calibration is not None and calibration.distribution is not None:
+            z.writestr(CALIBRATION_ARRAYS, _npz(calibration.distribution.to_arrays()))
     target = Path(path)
     tmp = target.with_name(f".{target.name}.partial")
     try:
@@ -116,6 +130,21 @@ def write(path: str | Path, *, backbone: bytes, manifest: Manifest, head: Head) 
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _load_npz(data: bytes) -> dict[str, np.ndarray]:
+    """An .npz's arrays; its members are checked like the bundle's (stored, bounded) first."""
+    with zipfile.ZipFile(io.BytesIO(data)) as npz_zip:  # an .npz is a zip too: same rules
+        for info in npz_zip.infolist():
+            _check_member(info, MAX_HEAD_BYTES)
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
 
 
 def read(path: str | Path) -> Bundle:
@@ -131,18 +160,37 @@ def read(path: str | Path) -> Bundle:
             raise BundleError(f"expected a dermal-fn bundle (LiteRT + zip), found other bytes in {path.name}")
         with zipfile.ZipFile(path) as z:
             data = json.loads(_member(z, MANIFEST, MAX_MANIFEST_BYTES))
-            head_bytes = _member(z, HEAD_ARRAYS, MAX_HEAD_BYTES)
-        with zipfile.ZipFile(io.BytesIO(head_bytes)) as npz_zip:  # an .npz is a zip too: same rules
-            for info in npz_zip.infolist():
-                _check_member(info, MAX_HEAD_BYTES)
-        with np.load(io.BytesIO(head_bytes), allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+            arrays = _load_npz(_member(z, HEAD_ARRAYS, MAX_HEAD_BYTES))
+            names = set(z.namelist())
+            calibration_arrays = (
+                _load_npz(_member(z, CALIBRATION_ARRAYS, MAX_HEAD_BYTES))
+                if CALIBRATION_ARRAYS in names
+                else None
+            )
     except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
         raise BundleError(f"expected a readable bundle at {path.name}, found {exc}") from exc
     manifest = _parse_manifest(data)
     head = Head.from_spec(data.get("head"), arrays)
     check_head(head, manifest)
-    return Bundle(path=path, manifest=manifest, head=head)
+    calibration = None
+    if manifest.extra.get("calibration") is not None:
+        calibration = _parse_calibration(manifest, calibration_arrays)
+    return Bundle(path=path, manifest=manifest, head=head, calibration=calibration)
+
+
+def _parse_calibration(manifest: Manifest, arrays: dict[str, np.ndarray] | None) -> Calibration:
+    """The calibration section and arrays, checked against the labels and the feature map's channels."""
+    try:
+        calibration = Calibration.from_manifest(manifest.extra["calibration"], arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"expected a complete calibration section, found a problem with {exc}") from exc
+    model = calibration.distribution
+    if model is not None and model.means.shape != (len(manifest.labels), manifest.feature_map_shape[2]):
+        raise BundleError(
+            f"expected calibration means of shape ({len(manifest.labels)}, {manifest.feature_map_shape[2]}), "
+            f"found {model.means.shape}"
+        )
+    return calibration
 
 
 def _check_member(info: zipfile.ZipInfo, limit: int) -> None:

@@ -27,6 +27,7 @@ from dermal_fn.core import bundle as bundle_format
 from dermal_fn.core.gradcam import grad_cam
 from dermal_fn.core.head import Head, Score
 from dermal_fn.core.imaging import InputScale
+from dermal_fn.core.trust import Calibration, calibrated, pooled
 from dermal_fn.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Inference:
-    """One model run: probabilities for every class, and the Grad-CAM grid when asked for."""
+    """One model run: probabilities for every class, and the Grad-CAM grid when asked for.
+
+    ``probabilities`` are what the answer reports: temperature-scaled when the bundle is calibrated.
+    ``pooled`` is the feature map averaged over space (what the distribution score measures).
+    """
 
     probabilities: np.ndarray
+    logits: np.ndarray
+    pooled: np.ndarray
     class_index: int
     score: Score
     grid: np.ndarray | None
@@ -57,6 +64,7 @@ class ModelInfo:
     input_scale: InputScale
     resize: str
     quantization: str
+    calibrated: bool = False
 
     def as_json(self) -> dict[str, Any]:
         """The contract's ``model`` object."""
@@ -65,6 +73,7 @@ class ModelInfo:
             "sha256": self.sha256,
             "backend": self.backend,
             "labels": list(self.labels),
+            "calibrated": self.calibrated,
         }
 
 
@@ -73,6 +82,7 @@ class Engine:
 
     info: ModelInfo
     head: Head
+    calibration: Calibration | None = None
 
     def feature_map(self, pixels: np.ndarray) -> np.ndarray:
         """The Grad-CAM layer's output for one preprocessed input: (1, h, w, c)."""
@@ -98,7 +108,8 @@ class Engine:
         started = time.perf_counter()
         features = self.feature_map(pixels)
         result = self.head.forward(features)
-        target = self.resolve_class(class_index, result.probabilities)
+        probabilities = self.reported(result.logits, result.probabilities)
+        target = self.resolve_class(class_index, probabilities)
         model_done = time.perf_counter()
         grid = None
         if gradcam:
@@ -108,12 +119,25 @@ class Engine:
             grid = grad_cam(features, gradient)
         done = time.perf_counter()
         return Inference(
-            probabilities=np.asarray(result.probabilities, dtype=np.float64),
+            probabilities=probabilities,
+            logits=np.asarray(result.logits, dtype=np.float64),
+            pooled=pooled(features),
             class_index=target,
             score=score,
             grid=grid,
             model_ms=(model_done - started) * 1e3,
             gradcam_ms=(done - model_done) * 1e3,
+        )
+
+    def reported(self, logits: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        """What the answer reports: the model's probabilities, temperature-scaled when calibrated."""
+        if self.calibration is None:
+            return np.asarray(probabilities, dtype=np.float64)
+        return calibrated(
+            logits,
+            temperature=self.calibration.temperature,
+            output=self.head.output_activation,
+            binary=self.head.binary,
         )
 
     def close(self) -> None:
@@ -140,6 +164,8 @@ class LiteRTEngine(Engine):
         manifest = loaded.manifest
         bundle_format.verify_backbone(path, manifest)
         self.head = loaded.head
+        self.calibration = loaded.calibration
+        self.manifest = manifest
         self.info = ModelInfo(
             name=manifest.name,
             sha256=sha256,
@@ -150,6 +176,7 @@ class LiteRTEngine(Engine):
             input_scale=manifest.input_scale,
             resize=manifest.resize,
             quantization=manifest.quantization,
+            calibrated=loaded.calibration is not None,
         )
         self.num_threads = num_threads
         self._lock = threading.Lock()

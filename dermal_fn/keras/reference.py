@@ -20,6 +20,7 @@ from dermal_fn.core.engine import Engine, Inference, ModelInfo
 from dermal_fn.core.gradcam import grad_cam
 from dermal_fn.core.head import Score
 from dermal_fn.core.imaging import InputScale
+from dermal_fn.core.trust import pooled
 from dermal_fn.keras.split import Split, build_head, split
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,8 @@ class KerasEngine(Engine):
             done = time.perf_counter()
         return Inference(
             probabilities=np.asarray(probabilities.numpy()[0], dtype=np.float64),
+            logits=np.asarray(logits.numpy()[0], dtype=np.float64),
+            pooled=pooled(features.numpy()),
             class_index=target,
             score=score,
             grid=grid,

@@ -354,6 +354,13 @@ def memory_route(request: flask.Request, service: Service, log: dict[str, Any]) 
     )
 
 
+def model_route(request: flask.Request, service: Service, log: dict[str, Any]) -> flask.Response:
+    """GET /model: the model card (loads the model if needed; 503 while it cannot be)."""
+    from dermal_fn.serving.card import model_card
+
+    return json_response(model_card(service.holder.get(wait_s=service.settings.queue_timeout_s)))
+
+
 @functools.cache
 def _static_text(name: str) -> str:
     """A file of dermal_fn/static, read once per process."""
@@ -415,6 +422,7 @@ ROUTES: dict[str, dict[str, Route]] = {
     "/predict": {"POST": _PREDICT},
     "/health": {"GET": Route(health), "HEAD": Route(health)},
     "/memory": {"GET": Route(memory_route, authorised=True), "HEAD": Route(memory_route, authorised=True)},
+    "/model": {"GET": Route(model_route, authorised=True), "HEAD": Route(model_route, authorised=True)},
     "/openapi.json": {"GET": Route(openapi), "HEAD": Route(openapi)},
 }
 

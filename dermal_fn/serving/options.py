@@ -11,7 +11,7 @@ from dermal_fn.errors import ConfigError, InvalidOption
 from dermal_fn.serving.config import parse_bool
 
 DEFAULT_TOP_K = 3
-OPTION_NAMES = ("top_k", "class", "score", "gradcam")
+OPTION_NAMES = ("top_k", "class", "score", "gradcam", "assess")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class PredictOptions:
     class_: int | str | None = None  # index or label; None: the most probable class
     score: Score = "logit"
     gradcam: bool | None = None  # None: ENABLE_GRADCAM decides
+    assess: bool = True  # the assessment (quality, distribution, confidence) beside the answer
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> PredictOptions:
@@ -46,16 +47,15 @@ class PredictOptions:
             if raw not in SCORES:
                 raise InvalidOption(f"expected score to be one of {list(SCORES)}, found {_show(raw)}")
             score = raw
-        gradcam: bool | None = None
-        raw = values.get("gradcam")
-        if raw is not None and raw != "":
-            if not isinstance(raw, (bool, str)):
-                raise InvalidOption(f"expected gradcam to be true or false, found {_show(raw)}")
-            try:
-                gradcam = parse_bool(raw, name="gradcam")
-            except ConfigError:
-                raise InvalidOption(f"expected gradcam to be true or false, found {_show(raw)}") from None
-        return cls(top_k=top_k, class_=class_, score=score, gradcam=gradcam)
+        gradcam = _flag(values, "gradcam")
+        assess = _flag(values, "assess")
+        return cls(
+            top_k=top_k,
+            class_=class_,
+            score=score,
+            gradcam=gradcam,
+            assess=True if assess is None else assess,
+        )
 
     def checked(self, labels: tuple[str, ...]) -> CheckedOptions:
         """Check top_k and class against the model's labels; the class becomes an index, once."""
@@ -69,6 +69,7 @@ class PredictOptions:
             class_index=None if self.class_ is None else class_index(self.class_, labels),
             score=self.score,
             gradcam=self.gradcam,
+            assess=self.assess,
         )
 
 
@@ -80,6 +81,7 @@ class CheckedOptions:
     class_index: int | None  # None: the most probable class
     score: Score
     gradcam: bool | None
+    assess: bool = True
 
 
 def class_index(value: int | str, labels: tuple[str, ...]) -> int:
@@ -95,6 +97,19 @@ def class_index(value: int | str, labels: tuple[str, ...]) -> int:
     if not 0 <= index < n:
         raise InvalidOption(f"expected class index 0..{n - 1}, found {index}")
     return index
+
+
+def _flag(values: Mapping[str, Any], name: str) -> bool | None:
+    """A true/false option (None when absent); 422 for anything else."""
+    raw = values.get(name)
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, (bool, str)):
+        raise InvalidOption(f"expected {name} to be true or false, found {_show(raw)}")
+    try:
+        return parse_bool(raw, name=name)
+    except ConfigError:
+        raise InvalidOption(f"expected {name} to be true or false, found {_show(raw)}") from None
 
 
 def _is_int(value: Any) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from dermal_fn.core import imaging, render
+from dermal_fn.core import imaging, render, trust
 from dermal_fn.core.engine import Engine, Inference, ModelInfo
 from dermal_fn.errors import ConfigError, DermalError, ModelCrashed, ModelUnavailable, Overloaded
 from dermal_fn.serving import memory
@@ -345,11 +345,12 @@ class Prediction:
 
 @dataclass(frozen=True)
 class DecodedPhoto:
-    """A request's photo, decoded: the model's input and the small copy the overlay is drawn on."""
+    """A request's photo, decoded: the model's input, the small copy the overlay is drawn on, its quality."""
 
     pixels: np.ndarray
     photo: Image.Image
     decode_ms: float
+    quality: dict[str, Any] | None = None  # when the request asked for the assessment
 
 
 @dataclass(frozen=True)
@@ -405,11 +406,12 @@ class Service:
         info = engine.info
         checked = options.checked(info.labels)
         with self.gate:
-            decoded = self.decode(image_bytes, info, timer=timer)
+            decoded = self.decode(image_bytes, info, timer=timer, quality=checked.assess)
             plan = self.plan_gradcam(checked, enable_gradcam=enable_gradcam)
             inference = engine.run(
                 decoded.pixels, class_index=checked.class_index, score=checked.score, gradcam=plan.run
             )
+        assessment = assess(engine, inference, decoded.quality) if decoded.quality is not None else None
         t0 = timer()
         gradcam_body = self.gradcam_body(plan, inference, decoded.photo, info)
         render_ms = (timer() - t0) * 1e3 if gradcam_body["status"] == "ok" else 0.0
@@ -420,12 +422,19 @@ class Service:
             "total": (timer() - started) * 1e3,
         }
         body = answer_body(info, inference, gradcam_body, top_k=checked.top_k, timing_ms=timing_ms)
+        if assessment is not None:
+            body["assessment"] = assessment
         return Prediction(body=body, class_index=inference.class_index, gradcam_status=gradcam_body["status"])
 
     def decode(
-        self, image_bytes: bytes, info: ModelInfo, *, timer: Callable[[], float] = time.perf_counter
+        self,
+        image_bytes: bytes,
+        info: ModelInfo,
+        *,
+        timer: Callable[[], float] = time.perf_counter,
+        quality: bool = False,
     ) -> DecodedPhoto:
-        """The model's input and the overlay's photo; the full decode is freed before inference."""
+        """The model's input, the overlay's photo and (``quality``) the photo's quality, before the model runs."""
         t0 = timer()
         decoded = imaging.decode(
             image_bytes,
@@ -438,8 +447,13 @@ class Service:
             decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
         )
         photo = imaging.display_copy(decoded.rgb)
+        checks = (
+            trust.photo_quality(decoded.rgb, original_size=decoded.original_size, input_size=info.input_size)
+            if quality
+            else None
+        )
         del decoded  # the largest object of a request
-        return DecodedPhoto(pixels=pixels, photo=photo, decode_ms=(timer() - t0) * 1e3)
+        return DecodedPhoto(pixels=pixels, photo=photo, decode_ms=(timer() - t0) * 1e3, quality=checks)
 
     def memory_headroom_bytes(self) -> int | None:
         """Bytes a decode may still use under the container's limit (less a reserve); None without a limit."""
@@ -487,6 +501,32 @@ class Service:
             "grid": np.round(inference.grid, 4).tolist(),
             "overlay_png": render.overlay_png_base64(photo, inference.grid),
         }
+
+
+def assess(engine: Engine, inference: Inference, quality: dict[str, Any]) -> dict[str, Any]:
+    """The contract's ``assessment``: photo quality, distance from the calibration data, confidence."""
+    calibration = engine.calibration
+    model = calibration.distribution if calibration is not None else None
+    if model is None:
+        distribution: dict[str, Any] = {"status": "unknown", "score": None, "threshold": None}
+    else:
+        score = model.score(inference.pooled)
+        distribution = {
+            "status": "out" if score > model.threshold else "in",
+            "score": round(score, 4),
+            "threshold": round(model.threshold, 4),
+        }
+    threshold = calibration.confidence_threshold if calibration is not None else trust.UNCALIBRATED_CONFIDENCE
+    top = float(np.max(inference.probabilities))
+    return {
+        "quality": quality,
+        "distribution": distribution,
+        "confidence": {
+            "status": "confident" if top >= threshold else "uncertain",
+            "max_probability": round(top, 6),
+            "threshold": round(threshold, 6),
+        },
+    }
 
 
 def answer_body(
