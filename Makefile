@@ -73,7 +73,7 @@ browser:
 
 ## retrain and re-export the committed demo bundle (seeded, reproducible)
 demo-model: $(DEV_STAMP)
-	$(PY) -m dermal_fn.demo.build
+	$(PY) -m dermal_fn.tools.build_demo
 
 ## the full benchmark beside TensorFlow and inside a 512 MiB cgroup (~15 min; docs/benchmark.md)
 bench: $(DEV_STAMP)

@@ -17,6 +17,7 @@
     │   ├── Overloaded            the inference queue is full
     │   └── InsufficientMemory    decoding this image now would not fit in the memory left
     ├── ConfigError               an environment variable has a value we cannot use
+    ├── DatasetError              a folder of images is not what a command needs (calibrate, evaluate)
     ├── BundleError               a bundle file is malformed or of an unknown version
     │   └── ModelCrashed          loading it killed the worker before (its message is safe to show anyone)
     └── ExportError               a Keras model cannot be exported faithfully
@@ -120,6 +121,10 @@ class InsufficientMemory(ServiceUnavailable):
 
 class ConfigError(DermalError):
     """A configuration value cannot be used."""
+
+
+class DatasetError(DermalError):
+    """A folder of images is not what the command needs: missing, empty, or its classes do not match."""
 
 
 class BundleError(DermalError):

@@ -258,6 +258,11 @@ def _orient(image: Image.Image, orientation: int) -> Image.Image:
     return image if method is None else image.transpose(method)
 
 
+def decode_side(input_size: tuple[int, int]) -> int:
+    """The shorter side a photo is decoded at for a model of ``input_size``: the model's, or the overlay's."""
+    return max(*input_size, OVERLAY_MIN_SIDE)
+
+
 def draft_reduction(width: int, height: int, *, min_side: int, slack: float = DRAFT_SLACK) -> int:
     """The largest JPEG DCT reduction (1, 2, 4 or 8) keeping the shorter side near ``min_side``.
 

@@ -346,3 +346,24 @@ def _hairs(rng: np.random.Generator, image: np.ndarray, *, size: int) -> np.ndar
     coverage = np.asarray(layer, dtype=np.float32) / 255.0
     colour = _HAIR_COLOUR * np.float32(rng.uniform(0.7, 1.3))
     return _paint(image, colour, coverage)
+
+
+def save_labelled(
+    directory: Path | str, n: int, *, seed: int, size: int = 128, fmt: Literal["jpeg", "png"] = "jpeg"
+) -> list[Path]:
+    """Write ``n`` generated images into one sub-folder per label (``directory/<label>/00012.jpg``); the paths.
+
+    The layout ``calibrate`` and ``evaluate`` read (``image_dataset_from_directory``'s).
+    """
+    folder = Path(directory)
+    batch = generate_batch(n, seed=seed, size=size)
+    paths: list[Path] = []
+    for index, (pixels, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
+        sub = folder / LABELS[int(label)]
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"{index:05d}.{'jpg' if fmt == 'jpeg' else 'png'}"
+        Image.fromarray(pixels).save(
+            path, format="JPEG" if fmt == "jpeg" else "PNG", **({"quality": 95} if fmt == "jpeg" else {})
+        )
+        paths.append(path)
+    return paths

@@ -438,7 +438,7 @@ class Service:
         t0 = timer()
         decoded = imaging.decode(
             image_bytes,
-            min_side=max(*info.input_size, imaging.OVERLAY_MIN_SIDE),
+            min_side=imaging.decode_side(info.input_size),
             max_pixels=int(self.settings.max_image_megapixels * 1e6),
             max_bytes=self.settings.max_decode_bytes,
             available_bytes=self.memory_headroom_bytes(),

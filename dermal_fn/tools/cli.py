@@ -68,6 +68,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from dermal_fn.tools.trust import calibrate, calibration_table
+
+    section = calibrate(args.bundle, args.data, args.out, target_accuracy=args.target_accuracy)
+    sys.stdout.write(calibration_table(section) + "\n")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dermal_fn.tools.trust import evaluate, evaluation_table
+
+    report = evaluate(args.bundle, args.data, ood=args.ood)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
+    sys.stdout.write(evaluation_table(report) + "\n")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from dermal_fn.tools.compare import main as compare_main
 
@@ -106,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-gradcam", action="store_true")
     predict.add_argument("--overlay", help="also write the overlay PNG here")
     predict.set_defaults(run=_predict)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit temperature, distribution and abstention thresholds on a labelled folder"
+    )
+    calibrate.add_argument("bundle")
+    calibrate.add_argument("--data", required=True, help="one sub-folder per label, named as the labels")
+    calibrate.add_argument("--out", required=True, help="the calibrated bundle to write")
+    calibrate.add_argument(
+        "--target-accuracy", type=float, default=0.9, help="accuracy the confident answers must reach (0.9)"
+    )
+    calibrate.set_defaults(run=_calibrate)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="balanced accuracy, ECE, NLL, AUROC, coverage on a folder"
+    )
+    evaluate.add_argument("bundle")
+    evaluate.add_argument("--data", required=True, help="one sub-folder per label, named as the labels")
+    evaluate.add_argument("--ood", help="a folder of images unlike the data: the distribution score's AUROC")
+    evaluate.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
+    evaluate.set_defaults(run=_evaluate)
 
     compare = commands.add_parser("compare", help="quantization report: BASE vs OTHER on a folder of images")
     compare.add_argument("base")

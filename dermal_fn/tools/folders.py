@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dermal_fn.core.imaging import InputScale, decode, model_input
-from dermal_fn.errors import ExportError, InvalidImage, UnsupportedMediaType
+from dermal_fn.errors import DatasetError, ExportError, InvalidImage, UnsupportedMediaType
 
 logger = logging.getLogger(__name__)
 
@@ -98,3 +98,45 @@ def _generated_calibration(size: tuple[int, int], scale: InputScale, *, count: i
 
     images, _, _ = synth.generate_batch(count, seed=1234, size=max(size))
     return [model_input(Image.fromarray(img, mode="RGB"), size=size, scale=scale) for img in images]
+
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+def labelled_files(root: str | Path, labels: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """``(file, class index)`` for a folder with one sub-folder per label (``image_dataset_from_directory``'s layout).
+
+    Every sub-folder must be named after one of ``labels``; a label may have no folder (it is
+    counted as absent). Files are the image suffixes, sorted; hidden files are left out.
+    """
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DatasetError(f"expected a folder with one sub-folder per label, found nothing at {folder}")
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in subfolders if p.name not in labels]
+    if unknown:
+        raise DatasetError(f"expected sub-folders named after the labels {list(labels)}, found {unknown[:5]}")
+    files = [
+        (path, labels.index(sub.name))
+        for sub in subfolders
+        for path in sorted(sub.rglob("*"))
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    ]
+    if not files:
+        raise DatasetError(f"expected images in the label sub-folders of {folder}, found none")
+    return files
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """The image files anywhere under ``root`` (for an out-of-distribution folder), sorted."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DatasetError(f"expected a folder of images, found nothing at {folder}")
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    if not files:
+        raise DatasetError(f"expected images in {folder}, found none")
+    return files

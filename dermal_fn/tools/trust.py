@@ -1,0 +1,358 @@
+"""``calibrate`` and ``evaluate``: fit and measure a bundle's trust signals by running the bundle itself.
+
+    python -m dermal_fn calibrate BUNDLE --data DIR --out OUT [--target-accuracy 0.9]
+    python -m dermal_fn evaluate BUNDLE --data DIR [--ood DIR] [--json OUT]
+
+No TensorFlow: the LiteRT engine runs every image exactly as the server decodes it, so the figures
+hold for every quantization. ``calibrate`` holds out a fifth of each class, fits on the rest
+(temperature by NLL, the distribution statistics and their threshold, the abstention threshold) and
+reports ECE/NLL before and after on the held-out part; the new bundle has the same backbone and
+head and a ``calibration`` manifest section.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from dermal_fn.core import bundle as bundle_format
+from dermal_fn.core import imaging, trust
+from dermal_fn.core.engine import LiteRTEngine
+from dermal_fn.errors import DatasetError, DermalError
+from dermal_fn.tools.folders import image_files, labelled_files
+
+logger = logging.getLogger(__name__)
+
+HOLDOUT_SHARE = 0.2
+MIN_IMAGES_PER_CLASS = 4
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What the bundle gives for a folder: logits, raw and reported probabilities, pooled features."""
+
+    logits: np.ndarray  # (N, K_logits)
+    probabilities: np.ndarray  # (N, K) reported: calibrated when the bundle is
+    raw: np.ndarray  # (N, K) the model's own
+    pooled: np.ndarray  # (N, C)
+    labels: np.ndarray  # (N,), -1 for unlabelled
+    skipped: int  # files that were not decodable images
+
+
+def run_files(
+    engine: LiteRTEngine, files: Sequence[tuple[Path, int]], *, progress: TextIO | None = sys.stderr
+) -> Outputs:
+    """Decode each file as the server does, run the bundle, keep what calibration and evaluation need."""
+    info = engine.info
+    logits, reported, raw, pooled, labels = [], [], [], [], []
+    skipped = 0
+    bar = Progress(len(files), stream=progress)
+    for path, label in files:
+        bar.step()
+        try:
+            decoded = imaging.decode(path.read_bytes(), min_side=imaging.decode_side(info.input_size))
+        except (DermalError, OSError):
+            skipped += 1
+            continue
+        pixels = imaging.model_input(
+            decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
+        )
+        features = engine.feature_map(pixels)
+        result = engine.head.forward(features)
+        logits.append(result.logits)
+        raw.append(result.probabilities)
+        reported.append(engine.reported(result.logits, result.probabilities))
+        pooled.append(trust.pooled(features))
+        labels.append(label)
+    bar.done()
+    if not logits:
+        raise DatasetError(f"expected decodable images, found none of {len(files)} files")
+    return Outputs(
+        logits=np.asarray(logits),
+        probabilities=np.asarray(reported),
+        raw=np.asarray(raw),
+        pooled=np.asarray(pooled),
+        labels=np.asarray(labels),
+        skipped=skipped,
+    )
+
+
+class Progress:
+    """A progress line on stderr for long folders (over 50 files): redrawn on a terminal, every 25 % otherwise."""
+
+    def __init__(self, total: int, *, stream: TextIO | None) -> None:
+        self.total, self.count = total, 0
+        self.stream = stream if total > 50 else None
+        self.tty = bool(stream is not None and stream.isatty())
+        self.shown = -1
+
+    def step(self) -> None:
+        self.count += 1
+        if self.stream is None:
+            return
+        percent = 100 * self.count // self.total
+        if self.tty:
+            self.stream.write(f"\r  {self.count}/{self.total} images ({percent} %)")
+            self.stream.flush()
+        elif percent // 25 > self.shown:
+            self.shown = percent // 25
+            self.stream.write(f"  {self.count}/{self.total} images ({percent} %)\n")
+
+    def done(self) -> None:
+        if self.stream is not None and self.tty:
+            self.stream.write("\n")
+
+
+def stratified_split(labels: np.ndarray, *, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, held-out indices): ``share`` of each class held out (at least one where a class has 5+)."""
+    rng = np.random.default_rng(seed)
+    fit: list[int] = []
+    held: list[int] = []
+    for k in np.unique(labels):
+        members = [int(i) for i in rng.permutation(np.flatnonzero(labels == k))]
+        n_out = round(share * len(members)) if len(members) >= 5 else 0
+        held.extend(members[:n_out])
+        fit.extend(members[n_out:])
+    return np.sort(np.array(fit, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+
+
+def folder_digest(files: Sequence[tuple[Path, int]], root: Path) -> str:
+    """SHA-256 over each file's path under ``root`` and its bytes' SHA-256, in order."""
+    outer = hashlib.sha256()
+    for path, _ in files:
+        outer.update(str(path.relative_to(root)).encode() + b"\0")
+        outer.update(hashlib.sha256(path.read_bytes()).digest())
+    return outer.hexdigest()
+
+
+def calibrate(
+    bundle_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    target_accuracy: float = trust.DEFAULT_TARGET_ACCURACY,
+    seed: int = 0,
+    progress: TextIO | None = sys.stderr,
+) -> dict[str, Any]:
+    """Fit the trust signals on a labelled folder and write the calibrated bundle; the report."""
+    source = Path(bundle_path)
+    loaded = bundle_format.read(source)
+    manifest, head = loaded.manifest, loaded.head
+    files = labelled_files(data, manifest.labels)
+    engine = LiteRTEngine(source, sha256="calibrating")
+    engine.calibration = None  # fit on the model's own logits, whatever the bundle had
+    try:
+        outputs = run_files(engine, files, progress=progress)
+    finally:
+        engine.close()
+    counts = np.bincount(outputs.labels, minlength=len(manifest.labels))
+    thin = [manifest.labels[k] for k, n in enumerate(counts) if n < MIN_IMAGES_PER_CLASS]
+    if thin:
+        raise DatasetError(
+            f"expected at least {MIN_IMAGES_PER_CLASS} decodable images for every label, found fewer for {thin}"
+        )
+    fit, held = stratified_split(outputs.labels, share=HOLDOUT_SHARE, seed=seed)
+    output, binary = head.output_activation, head.binary
+    temperature = trust.fit_temperature(
+        outputs.logits[fit], outputs.labels[fit], output=output, binary=binary
+    )
+
+    def probabilities(rows: np.ndarray, t: float) -> np.ndarray:
+        return trust.calibrated(outputs.logits[rows], temperature=t, output=output, binary=binary)
+
+    threshold, coverage, accuracy = trust.abstention_threshold(
+        probabilities(fit, temperature), outputs.labels[fit], target_accuracy=target_accuracy
+    )
+    model = trust.DistributionModel.fit(outputs.pooled[fit], outputs.labels[fit])
+    model = model.with_threshold(
+        trust.cross_fitted_threshold(outputs.pooled[fit], outputs.labels[fit], seed=seed)
+    )
+    evaluated = held if held.size else fit
+
+    def figures(t: float) -> dict[str, float]:
+        p = probabilities(evaluated, t)
+        y = outputs.labels[evaluated]
+        return {
+            "ece": round(trust.ece(p, y), 6),
+            "nll": round(trust.nll(p, y), 6),
+            "accuracy": round(float(np.mean(p.argmax(axis=1) == y)), 6),
+        }
+
+    held_scores = model.scores(outputs.pooled[evaluated])
+    section = {
+        "method": "temperature scaling (NLL); class-conditional Mahalanobis distance of the pooled feature "
+        "map, shared covariance (top principal directions + isotropic residual); abstention on top-1 probability",
+        "temperature": round(temperature, 6),
+        "confidence": {
+            "threshold": round(threshold, 6),
+            "target_accuracy": target_accuracy,
+            "coverage": round(coverage, 6),
+            "accuracy": round(accuracy, 6),
+        },
+        "distribution": {
+            "score": "squared Mahalanobis distance to the nearest class mean, per channel",
+            "threshold": round(model.threshold, 6),
+            "in_distribution_share": trust.IN_DISTRIBUTION_SHARE,
+            "rank": int(model.components.shape[0]),
+            "held_out_inside": round(float(np.mean(held_scores <= model.threshold)), 6),
+        },
+        "data": {
+            "images": len(outputs.labels),
+            "skipped": outputs.skipped,
+            "per_class": {label: int(n) for label, n in zip(manifest.labels, counts, strict=True)},
+            "sha256": folder_digest(files, Path(data)),
+            "fitted_on": int(fit.size),
+            "held_out": int(held.size),
+        },
+        "evaluation": {
+            "on": "held-out" if held.size else "fit (no class had 5 images)",
+            "before": figures(1.0),
+            "after": figures(temperature),
+        },
+        "fitted_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+    }
+    calibration = trust.Calibration(temperature, threshold, model, section)
+    with open(source, "rb") as f:
+        backbone = f.read(manifest.backbone_bytes)
+    out_path = Path(out)
+    bundle_format.write(out_path, backbone=backbone, manifest=manifest, head=head, calibration=calibration)
+    bundle_format.read(out_path)  # what was written reads back, calibration included
+    return section
+
+
+def evaluate(
+    bundle_path: str | Path,
+    data: str | Path,
+    *,
+    ood: str | Path | None = None,
+    progress: TextIO | None = sys.stderr,
+) -> dict[str, Any]:
+    """Balanced accuracy, per-class recall and AUROC, ECE, NLL, coverage; with ``ood``, the distribution AUROC."""
+    path = Path(bundle_path)
+    engine = LiteRTEngine(path, sha256="evaluating")
+    labels = engine.info.labels
+    try:
+        outputs = run_files(engine, labelled_files(data, labels), progress=progress)
+        outside = run_files(engine, [(f, -1) for f in image_files(ood)], progress=progress) if ood else None
+    finally:
+        engine.close()
+    p, y = outputs.probabilities, outputs.labels
+    per_class_recall = trust.recalls(p, y, len(labels))
+    per_class_auroc = trust.one_vs_rest_auroc(p, y, len(labels))
+    calibration = engine.calibration
+    threshold = calibration.confidence_threshold if calibration is not None else trust.UNCALIBRATED_CONFIDENCE
+    accepted = p.max(axis=1) >= threshold
+    correct = p.argmax(axis=1) == y
+    report: dict[str, Any] = {
+        "bundle": path.name,
+        "calibrated": calibration is not None,
+        "images": len(y),
+        "skipped": outputs.skipped,
+        "balanced_accuracy": _round(float(np.nanmean(per_class_recall))),
+        "accuracy": _round(float(np.mean(correct))),
+        "ece": _round(trust.ece(p, y)),
+        "nll": _round(trust.nll(p, y)),
+        "confidence_threshold": _round(threshold),
+        "coverage": _round(float(np.mean(accepted))),
+        "accuracy_when_confident": _round(float(np.mean(correct[accepted]))) if accepted.any() else None,
+        "per_class": [
+            {
+                "label": label,
+                "images": int(np.sum(y == k)),
+                "recall": _round(per_class_recall[k]),
+                "auroc": _round(per_class_auroc[k]),
+            }
+            for k, label in enumerate(labels)
+        ],
+    }
+    model = calibration.distribution if calibration is not None else None
+    if model is not None:
+        inside = model.scores(outputs.pooled)
+        report["flagged_out"] = {"data": _round(float(np.mean(inside > model.threshold)))}
+        if outside is not None:
+            scores = model.scores(outside.pooled)
+            report["ood"] = {
+                "images": len(scores),
+                "distribution_auroc": _round(trust.auroc(scores, inside)),
+                "flagged_out": _round(float(np.mean(scores > model.threshold))),
+                "confident": _round(float(np.mean(outside.probabilities.max(axis=1) >= threshold))),
+            }
+    elif outside is not None:
+        report["ood"] = {
+            "images": len(outside.labels),
+            "distribution_auroc": None,
+            "note": "uncalibrated bundle",
+        }
+    return report
+
+
+def _round(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 4)
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def calibration_table(section: dict[str, Any]) -> str:
+    """The table ``calibrate`` prints."""
+    evaluation = section["evaluation"]
+    before, after = evaluation["before"], evaluation["after"]
+    lines = [
+        f"| on the {evaluation['on']} images ({section['data']['held_out']}) | before | after (T = {section['temperature']:.3f}) |",
+        "|---|---:|---:|",
+        *(
+            f"| {name.upper() if name != 'accuracy' else name} | {before[name]:.4f} | {after[name]:.4f} |"
+            for name in ("ece", "nll", "accuracy")
+        ),
+        "",
+        f"Confidence threshold {section['confidence']['threshold']:.4f} (accepted answers {section['confidence']['accuracy']:.1%} "
+        f"correct, coverage {section['confidence']['coverage']:.1%}, target {section['confidence']['target_accuracy']:.0%}); "
+        f"distribution threshold {section['distribution']['threshold']:.4f} "
+        f"({section['distribution']['held_out_inside']:.1%} of held-out images inside).",
+    ]
+    return "\n".join(lines)
+
+
+def evaluation_table(report: dict[str, Any]) -> str:
+    """The Markdown ``evaluate`` prints."""
+    rows = [
+        ("images", report["images"]),
+        ("balanced accuracy (mean recall)", report["balanced_accuracy"]),
+        ("accuracy", report["accuracy"]),
+        ("ECE (15 bins)", report["ece"]),
+        ("NLL", report["nll"]),
+        ("confidence threshold", report["confidence_threshold"]),
+        ("coverage at the threshold", report["coverage"]),
+        ("accuracy when confident", report["accuracy_when_confident"]),
+    ]
+    if "flagged_out" in report:
+        rows.append(("--data flagged out of distribution", report["flagged_out"]["data"]))
+    if "ood" in report:
+        rows.append(("--ood images", report["ood"]["images"]))
+        rows.append(("distribution AUROC (--ood vs --data)", report["ood"].get("distribution_auroc")))
+        if "flagged_out" in report["ood"]:
+            rows.append(("--ood flagged out of distribution", report["ood"]["flagged_out"]))
+            rows.append(("--ood answered confidently", report["ood"]["confident"]))
+    lines = [
+        f"{report['bundle']} ({'calibrated' if report['calibrated'] else 'not calibrated'})",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in rows]
+    lines += ["", "| class | images | recall | AUROC (one vs rest) |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {c['label']} | {c['images']} | {_fmt(c['recall'])} | {_fmt(c['auroc'])} |"
+        for c in report["per_class"]
+    ]
+    return "\n".join(lines)
