@@ -542,3 +542,83 @@ def test_unavailable_model_is_reported_on_load_and_on_upload(
     assert "HTTP 503" in text
     tab.screenshot("desktop-error-model-unavailable")
     assert tab.errors(expected_status=503) == []
+
+
+# --- the assessment beside the answer (issue 13) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_server(page_servers: Callable[..., ServerProcess]) -> ServerProcess:
+    """The committed demo bundle: calibrated on generated images."""
+    from dermal_fn.models import DEMO_BUNDLE
+
+    return page_servers({"MODEL_URI": str(DEMO_BUNDLE)})
+
+
+@pytest.fixture(scope="module")
+def assessed_photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A generated skin photo, a page of text, and the skin photo blurred and darkened."""
+    from PIL import ImageEnhance, ImageFilter
+
+    from dermal_fn.demo import unlike
+
+    folder = tmp_path_factory.mktemp("assessed")
+    rng = np.random.default_rng(31)
+    skin = Image.fromarray(synth.generate(rng, size=512, hair=False).image)
+    poor = ImageEnhance.Brightness(skin.filter(ImageFilter.GaussianBlur(6))).enhance(0.2)
+    files = {"skin.png": skin, "text.png": unlike.text(rng, 512), "poor.png": poor}
+    for name, image in files.items():
+        image.save(folder / name, format="PNG")
+    return {name: folder / name for name in files}
+
+
+def shown_assessment(tab: Tab) -> dict[str, str]:
+    """The assessment sentences on the page, by kind."""
+    items = tab.page.eval_on_selector_all(
+        "#assessment li", "items => items.map(item => [item.dataset.kind, item.textContent])"
+    )
+    return {kind: text for kind, text in items}
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("skin.png", {"fine": "The photo looks usable"}),
+        (
+            "text.png",
+            {"distribution": "unlike the images the model was calibrated on: treat the result with caution"},
+        ),
+        ("poor.png", {"quality": "This photo looks blurry and too dark — retake it"}),
+    ],
+)
+def test_the_assessment_is_said_in_plain_words_beside_the_result(
+    demo_server: ServerProcess,
+    open_tab: Any,
+    assessed_photos: dict[str, Path],
+    name: str,
+    expected: dict[str, str],
+) -> None:
+    tab = open_tab(demo_server)
+    tab.page.set_input_files("#file", str(assessed_photos[name]))
+    tab.page.wait_for_selector(DONE)
+    status, body = post_multipart(demo_server, assessed_photos[name])
+    assert status == 200
+    assert_matches_json(tab, body)
+    shown = shown_assessment(tab)
+    for kind, words in expected.items():
+        assert kind in shown and words in shown[kind], shown
+    if name != "skin.png":
+        assert "fine" not in shown
+    assert tab.page.locator("#predictions li").count() == 3  # said beside the answer, not instead of it
+    tab.screenshot(f"desktop-assessment-{name.removesuffix('.png')}")
+    assert tab.errors() == []
+
+
+def test_the_page_links_the_model_card(demo_server: ServerProcess, open_tab: Any) -> None:
+    tab = open_tab(demo_server)
+    link = tab.page.locator("#model-link")
+    assert link.inner_text() == "model card"
+    href = link.evaluate("a => a.href")  # absolute, as the browser resolves it
+    assert href == demo_server.url + "/model"
+    response = tab.page.request.get(href)
+    assert response.status == 200 and response.json()["intended_use"]["summary"].startswith("Research")
