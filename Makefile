@@ -75,9 +75,11 @@ browser:
 demo-model: $(DEV_STAMP)
 	$(PY) -m dermal_fn.tools.build_demo
 
-## the full benchmark beside TensorFlow and inside a 512 MiB cgroup (~15 min; docs/benchmark.md)
+## the full benchmark beside TensorFlow and inside a 512 MiB cgroup (~20 min; docs/benchmark.md, docs/trust.md)
 bench: $(DEV_STAMP)
 	$(PY) -m bench.run --plot docs/benchmark-rss.png
+	$(PY) -m bench.hostile --json bench/out/hostile.json
+	$(PY) -m bench.trust_cost
 
 ## the same in seconds, on a tiny model
 bench-smoke: $(DEV_STAMP)
