@@ -21,8 +21,9 @@ $(SERVE_STAMP): requirements.lock | $(PY)
 	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
 	touch $@
 
-$(DEV_STAMP): requirements-dev.lock | $(PY)
+$(DEV_STAMP): requirements-dev.lock requirements-tfkeras.lock | $(PY)
 	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-tfkeras.lock
 	touch $(SERVE_STAMP) $@
 
 $(TEST_STAMP): requirements-test.lock
@@ -37,6 +38,8 @@ lock: | $(PY)
 	for name in requirements requirements-test requirements-dev; do \
 	  $(VENV)/bin/uv pip compile $$name.txt --generate-hashes --python-version 3.11.7 \
 	    --python-platform x86_64-unknown-linux-gnu --no-header --quiet -o $$name.lock; done
+	$(VENV)/bin/uv pip compile requirements-tfkeras.txt --no-deps --generate-hashes --python-version 3.11.7 \
+	  --python-platform x86_64-unknown-linux-gnu --no-header --quiet -o requirements-tfkeras.lock
 
 ## serve the bundled synthetic demo model exactly as render.yaml starts it
 serve: $(SERVE_STAMP)

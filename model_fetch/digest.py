@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import google_crc32c
@@ -113,3 +114,13 @@ def check_sha256_pin(digests: Digests, expected_sha256: str | None, *, source: s
             f"expected sha256 {expected_sha256} (the MODEL_SHA256 pin) for {source}, "
             f"found {digests.sha256} ({digests.size} bytes)"
         )
+
+
+def folder_sha256(folder: Path) -> str:
+    """SHA-256 over each file's path relative to ``folder`` and its SHA-256, in sorted order (a SavedModel)."""
+    outer = hashlib.sha256()
+    for item in sorted(p for p in folder.rglob("*") if p.is_file()):
+        outer.update(
+            str(item.relative_to(folder)).encode() + b"\0" + bytes.fromhex(file_digests(item).sha256)
+        )
+    return outer.hexdigest()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import stat
 import time
+from pathlib import Path
 
-from model_fetch.digest import check_sha256_pin, file_digests
-from model_fetch.errors import FetchError, ModelNotFound, ModelTooLarge
+from model_fetch.digest import check_sha256_pin, file_digests, folder_sha256
+from model_fetch.errors import ChecksumMismatch, FetchError, ModelNotFound, ModelTooLarge
 from model_fetch.result import FetchedModel
 from model_fetch.uri import LocalLocation
 
@@ -30,9 +31,10 @@ def fetch_local(
         raise ModelNotFound(f"expected a model file at {path}, found nothing there") from exc
     except OSError as exc:
         raise FetchError(f"expected a readable model file at {path}, found: {exc}") from exc
+    if stat.S_ISDIR(mode):
+        return _fetch_folder(path, source=source, expected_sha256=expected_sha256, started=started)
     if not stat.S_ISREG(mode):
-        found = "a directory" if stat.S_ISDIR(mode) else "a special file"
-        raise ModelNotFound(f"expected a regular model file at {path}, found {found}")
+        raise ModelNotFound(f"expected a regular model file at {path}, found a special file")
     check_size(path.stat().st_size, max_bytes, source=str(path))
     try:
         digests = file_digests(path)
@@ -49,6 +51,29 @@ def fetch_local(
         generation=None,
         downloaded=False,
         seconds=seconds,
+    )
+
+
+def _fetch_folder(path: Path, *, source: str, expected_sha256: str | None, started: float) -> FetchedModel:
+    """A model folder (a Keras 2 SavedModel, for the TensorFlow backend): its files' digest, the pin checked."""
+    try:
+        sha256 = folder_sha256(path)
+        size = sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+    except OSError as exc:
+        raise FetchError(f"expected a readable model folder at {path}, found: {exc}") from exc
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise ChecksumMismatch(
+            f"expected the model folder {path} to have sha256 {expected_sha256} (MODEL_SHA256), found {sha256}"
+        )
+    logger.info("using local model folder %s: %d bytes, sha256 %s", path, size, sha256)
+    return FetchedModel(
+        path=path,
+        sha256=sha256,
+        size=size,
+        source=source,
+        generation=None,
+        downloaded=False,
+        seconds=time.monotonic() - started,
     )
 
 

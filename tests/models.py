@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 DATA = Path(__file__).resolve().parent / "data"
 TINY_LABELS = ("round_uniform_spot", "irregular_multicolour_spot", "no_lesion")
 SYNTH_LABELS = ("no_lesion", "round_uniform_spot", "irregular_multicolour_spot", "oval_spot_with_halo")
@@ -129,3 +131,90 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- Keras 2 files (tf-keras), as the classifiers people have were saved -------------------------------
+
+KERAS2_KINDS = ("effnet_h5", "augmented_h5", "mobilenet_keras", "savedmodel", "teachable_machine")
+
+
+def keras2_file(kind: str, folder: Path, *, seed: int = 0) -> Path:
+    """Build and save a seeded Keras 2 classifier of ``kind`` with tf-keras; the path it was saved at.
+
+    - ``effnet_h5``: EfficientNetV2-B0 (random weights) at 64 px + GAP + Dropout + Dense, as ``.h5``;
+    - ``augmented_h5``: RandomFlip/RandomRotation/Rescaling in the model, a small CNN, as ``.h5``;
+    - ``mobilenet_keras``: ``Sequential([MobileNetV2(alpha=0.35), GAP, Dense])`` nested, as ``.keras``;
+    - ``savedmodel``: a small functional CNN as a Keras 2 SavedModel folder;
+    - ``teachable_machine``: Teachable Machine's shape (MobileNet alpha 0.25 base and a Dense(100)
+      head, each in its own Sequential) as ``keras_model.h5`` with ``labels.txt`` lines ``0 Mole``.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tf_keras as k
+
+    k.utils.set_random_seed(seed)
+    layers = k.layers
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "effnet_h5":
+        base = k.applications.EfficientNetV2B0(include_top=False, weights=None, input_shape=(64, 64, 3))
+        x = layers.Dropout(0.2)(layers.GlobalAveragePooling2D()(base.output))
+        model = k.Model(base.input, layers.Dense(3, activation="softmax")(x))
+        path = folder / "effnet.h5"
+    elif kind == "augmented_h5":
+        model = k.Sequential(
+            [
+                layers.Input((48, 48, 3)),
+                layers.RandomFlip("horizontal"),
+                layers.RandomRotation(0.1),
+                layers.Rescaling(1 / 255.0),
+                layers.Conv2D(8, 3, strides=2, activation="relu"),
+                layers.Conv2D(16, 3, strides=2, activation="relu", name="top_activation"),
+                layers.GlobalAveragePooling2D(),
+                layers.Dense(3, activation="softmax"),
+            ]
+        )
+        path = folder / "augmented.h5"
+    elif kind == "mobilenet_keras":
+        base = k.applications.MobileNetV2(
+            include_top=False, weights=None, alpha=0.35, input_shape=(48, 48, 3)
+        )
+        model = k.Sequential([base, layers.GlobalAveragePooling2D(), layers.Dense(3, activation="softmax")])
+        path = folder / "mobilenet.keras"
+    elif kind == "savedmodel":
+        inputs = k.Input((40, 40, 3))
+        x = layers.Conv2D(8, 3, strides=2, activation="relu")(layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+        x = layers.Conv2D(12, 3, activation="swish", name="top_activation")(x)
+        model = k.Model(inputs, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x)))
+        path = folder / "saved_model_dir"
+    elif kind == "teachable_machine":
+        mobilenet = k.applications.MobileNet(
+            include_top=False, weights=None, alpha=0.25, input_shape=(96, 96, 3)
+        )
+        base = k.Sequential([mobilenet, layers.GlobalAveragePooling2D()], name="sequential_1")
+        head = k.Sequential(
+            [
+                layers.Dense(100, activation="relu", name="dense_Dense1"),
+                layers.Dense(2, activation="softmax", name="dense_Dense2"),
+            ],
+            name="sequential_3",
+        )
+        model = k.Sequential([k.Input((96, 96, 3)), base, head])
+        path = folder / "keras_model.h5"
+        (folder / "labels.txt").write_text("0 Mole\n1 Freckle\n")
+    else:
+        raise ValueError(f"expected one of {KERAS2_KINDS}, found {kind!r}")
+    _randomise_batch_norm(model, np.random.default_rng(seed), k)
+    model.save(path) if kind != "savedmodel" else model.save(path, save_format="tf")
+    return path
+
+
+def _randomise_batch_norm(model: Any, rng: Any, keras: Any) -> None:
+    """Random BatchNorm statistics, so an untrained network gives varied, non-degenerate answers."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            _randomise_batch_norm(layer, rng, keras)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            n = int(layer.moving_mean.shape[0])
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.8, 1.2, n).astype("float32"))
+            layer.gamma.assign(rng.normal(1, 0.1, n).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.2, n).astype("float32"))

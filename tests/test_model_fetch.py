@@ -183,9 +183,18 @@ def test_local_missing_file(tmp_path: Path) -> None:
     assert str(missing) in str(caught.value)
 
 
-def test_local_directory_is_not_a_model(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFound, match="found a directory"):
-        fetch_model(str(tmp_path))
+def test_a_local_folder_is_fetched_as_a_whole_with_its_pin(tmp_path: Path) -> None:
+    """A Keras 2 SavedModel is a folder: its digest covers every file's path and bytes."""
+    folder = tmp_path / "saved"
+    (folder / "variables").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"graph")
+    (folder / "variables" / "variables.index").write_bytes(b"index")
+    fetched = fetch_model(str(folder))
+    assert fetched.path == folder and fetched.size == 10
+    assert fetch_model(str(folder), expected_sha256=fetched.sha256).sha256 == fetched.sha256
+    (folder / "variables" / "variables.index").write_bytes(b"indeX")
+    with pytest.raises(ChecksumMismatch, match="MODEL_SHA256"):
+        fetch_model(str(folder), expected_sha256=fetched.sha256)
 
 
 @pytest.mark.parametrize("pin", [sha256_of(MODEL_BYTES), sha256_of(MODEL_BYTES).upper()])

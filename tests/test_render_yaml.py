@@ -139,7 +139,9 @@ def test_demo_default_when_model_uri_is_left_empty() -> None:
     assert Path(Settings().model_uri).parent.name == "models"
 
 
-@pytest.mark.parametrize("name", ["requirements", "requirements-test", "requirements-dev"])
+@pytest.mark.parametrize(
+    "name", ["requirements", "requirements-test", "requirements-dev", "requirements-tfkeras"]
+)
 def test_each_lock_file_pins_what_its_requirements_file_asks_for(name: str) -> None:
     """`make lock` output agrees with the .txt files, and every locked line carries hashes."""
 

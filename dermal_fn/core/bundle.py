@@ -19,14 +19,14 @@ import io
 import json
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dermal_fn.core.head import Head
-from dermal_fn.core.imaging import INPUT_SCALES, RESIZE_METHODS, InputScale
+from dermal_fn.core.imaging import INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.core.trust import Calibration
 from dermal_fn.errors import BundleError
 
@@ -57,6 +57,8 @@ class Manifest:
     backbone_bytes: int
     extra: dict[str, Any]
     backbone_crc32: str | None = None  # zlib CRC-32 of the flatbuffer, 8 hex digits (older bundles: none)
+    normalization: Normalization = field(default_factory=Normalization)  # after the scale (older: none)
+    preset: str | None = None  # the --input-scale preset it came from ("caffe", "torch"), for the card
 
     def to_json(self, head_spec: dict[str, Any]) -> dict[str, Any]:
         """The manifest as JSON data, with the head's description."""
@@ -70,6 +72,8 @@ class Manifest:
                 "width": self.input_size[1],
                 "scale": self.input_scale,
                 "resize": self.resize,
+                **(self.normalization.as_json() if not self.normalization.identity else {}),
+                **({"preset": self.preset} if self.preset else {}),
             },
             "layer": self.layer,
             "feature_map_shape": list(self.feature_map_shape),
@@ -255,6 +259,18 @@ def check_head(head: Head, manifest: Manifest) -> None:
         )
 
 
+def _normalization(inp: dict[str, Any]) -> Normalization:
+    """The input's mean, std and channel order (defaults: none)."""
+    mean = tuple(float(v) for v in inp.get("mean", (0.0, 0.0, 0.0)))
+    std = tuple(float(v) for v in inp.get("std", (1.0, 1.0, 1.0)))
+    channels = inp.get("channels", "RGB")
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std) or channels not in ("RGB", "BGR"):
+        raise BundleError(
+            f"expected 3 means, 3 positive stds and RGB or BGR, found {mean}, {std}, {channels!r}"
+        )
+    return Normalization(mean=(mean[0], mean[1], mean[2]), std=(std[0], std[1], std[2]), channels=channels)
+
+
 def _crc_field(value: Any) -> str | None:
     if value is None:
         return None
@@ -295,6 +311,8 @@ def _parse_manifest(data: Any) -> Manifest:
             backbone_bytes=int(data["backbone_bytes"]),
             extra={k: v for k, v in data.items() if k not in known},
             backbone_crc32=_crc_field(data.get("backbone_crc32")),
+            normalization=_normalization(inp),
+            preset=str(inp["preset"]) if inp.get("preset") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"expected a complete manifest, found a problem with {exc}") from exc

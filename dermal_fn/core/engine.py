@@ -17,16 +17,18 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dermal_fn.core import bundle as bundle_format
+from dermal_fn.core import imaging
 from dermal_fn.core.gradcam import grad_cam
 from dermal_fn.core.head import Head, Score
-from dermal_fn.core.imaging import InputScale
+from dermal_fn.core.imaging import InputScale, Normalization
 from dermal_fn.core.trust import Calibration, calibrated, pooled
 from dermal_fn.errors import BundleError
 
@@ -65,6 +67,17 @@ class ModelInfo:
     resize: str
     quantization: str
     calibrated: bool = False
+    normalization: Normalization = field(default_factory=Normalization)
+
+    def model_input(self, image: Image.Image) -> np.ndarray:
+        """The model's input for a decoded photo: resized, scaled and normalised as the bundle says."""
+        return imaging.model_input(
+            image,
+            size=self.input_size,
+            scale=self.input_scale,
+            resize=self.resize,
+            normalization=self.normalization,
+        )
 
     def as_json(self) -> dict[str, Any]:
         """The contract's ``model`` object."""
@@ -177,6 +190,7 @@ class LiteRTEngine(Engine):
             resize=manifest.resize,
             quantization=manifest.quantization,
             calibrated=loaded.calibration is not None,
+            normalization=manifest.normalization,
         )
         self.num_threads = num_threads
         self._lock = threading.Lock()

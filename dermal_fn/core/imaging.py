@@ -306,14 +306,43 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel normalisation after the scale: channel order, then ``(x - mean) / std``."""
+
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channels: Literal["RGB", "BGR"] = "RGB"
+
+    @property
+    def identity(self) -> bool:
+        """True when it changes nothing."""
+        return self == Normalization()
+
+    def as_json(self) -> dict[str, object]:
+        """The manifest's fields."""
+        return {"mean": list(self.mean), "std": list(self.std), "channels": self.channels}
+
+
+# keras.applications' preprocess_input modes that live outside a model (ResNet/VGG "caffe", "torch")
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_PRESETS: dict[str, tuple[InputScale, Normalization]] = {
+    "caffe": ("raw", Normalization(mean=IMAGENET_MEAN_BGR, channels="BGR")),  # RGB->BGR, minus the mean
+    "torch": ("unit", Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD)),  # 0-1, ImageNet mean/std
+}
+
+
 def model_input(
     image: Image.Image,
     *,
     size: tuple[int, int],
     scale: InputScale = "raw",
     resize: str = "bilinear",
+    normalization: Normalization | None = None,
 ) -> np.ndarray:
-    """Resize to the model's (height, width) and scale: a float32 array of shape (1, h, w, 3)."""
+    """Resize to the model's (height, width), scale, normalise: a float32 array of shape (1, h, w, 3)."""
     height, width = size
     resample = RESIZE_METHODS[resize]
     resized = image.resize((width, height), resample) if image.size != (width, height) else image
@@ -322,6 +351,12 @@ def model_input(
         pixels = pixels / np.float32(255.0)
     elif scale == "symmetric":
         pixels = pixels / np.float32(127.5) - np.float32(1.0)
+    if normalization is not None and not normalization.identity:
+        if normalization.channels == "BGR":
+            pixels = pixels[..., ::-1]
+        mean = np.asarray(normalization.mean, dtype=np.float32)
+        std = np.asarray(normalization.std, dtype=np.float32)
+        pixels = np.asarray((pixels - mean) / std, dtype=np.float32)
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,13 +25,60 @@ import numpy as np
 from dermal_fn.core import bundle as bundle_format
 from dermal_fn.core.engine import Engine, LiteRTEngine
 from dermal_fn.core.head import Head
-from dermal_fn.core.imaging import INPUT_SCALES, RESIZE_METHODS, InputScale
+from dermal_fn.core.imaging import INPUT_PRESETS, INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
 Quantization = Literal["none", "fp16", "int8-dynamic", "int8"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("none", "fp16", "int8-dynamic", "int8")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects of its input: the scale, the normalisation after it, the resize."""
+
+    scale: InputScale = "raw"
+    normalization: Normalization = field(default_factory=Normalization)
+    resize: str = "bilinear"
+    preset: str | None = None  # "caffe" or "torch" when it came from one
+
+
+INPUT_CHOICES = (*INPUT_SCALES, *INPUT_PRESETS)
+
+
+def input_spec(
+    input_scale: str = "raw",
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    resize: str = "bilinear",
+) -> InputSpec:
+    """``--input-scale`` (a scale or a preset), then ``--mean``/``--std`` (per channel, after the scale)."""
+    if input_scale not in INPUT_CHOICES:
+        raise ExportError(f"expected --input-scale in {list(INPUT_CHOICES)}, found {input_scale!r}")
+    if resize not in RESIZE_METHODS:
+        raise ExportError(f"expected resize in {sorted(RESIZE_METHODS)}, found {resize!r}")
+    preset = input_scale if input_scale in INPUT_PRESETS else None
+    scale, normalization = INPUT_PRESETS[input_scale] if preset else (input_scale, Normalization())
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is not None and (len(values) != 3 or not all(np.isfinite(v) for v in values)):
+            raise ExportError(f"expected {name} to be three numbers R,G,B, found {list(values)}")
+    if std is not None and not all(v > 0 for v in std):
+        raise ExportError(f"expected --std to be positive, found {list(std)}")
+    if mean is not None or std is not None:
+        normalization = Normalization(
+            mean=_triple(mean) if mean is not None else normalization.mean,
+            std=_triple(std) if std is not None else normalization.std,
+            channels=normalization.channels,
+        )
+    checked_scale: InputScale = "unit" if scale == "unit" else "symmetric" if scale == "symmetric" else "raw"
+    return InputSpec(scale=checked_scale, normalization=normalization, resize=resize, preset=preset)
+
+
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    return float(values[0]), float(values[1]), float(values[2])
+
 
 # given the model's input (height, width), the int8 calibration inputs
 CalibrationSource = Callable[[tuple[int, int]], Sequence[np.ndarray]]
@@ -59,13 +106,19 @@ class Verification:
 
 
 def _sha256(path: Path) -> str:
-    from model_fetch.digest import file_digests
+    """A file's SHA-256; for a SavedModel folder, over each file's relative path and SHA-256, sorted."""
+    from model_fetch.digest import file_digests, folder_sha256
 
-    return file_digests(path).sha256
+    return folder_sha256(path) if path.is_dir() else file_digests(path).sha256
 
 
 def verification_inputs(
-    size: tuple[int, int], scale: InputScale, *, count: int = 4, seed: int = 0
+    size: tuple[int, int],
+    scale: InputScale,
+    *,
+    count: int = 4,
+    seed: int = 0,
+    normalization: Normalization | None = None,
 ) -> list[np.ndarray]:
     """Smooth random images in the model's input range (seeded), shape (1, h, w, 3) float32."""
     from PIL import Image
@@ -79,7 +132,11 @@ def verification_inputs(
         image = Image.fromarray(coarse, mode="RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
         noise = rng.normal(0, 12, size=(size[0], size[1], 3))
         pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
-        out.append(model_input(Image.fromarray(pixels, mode="RGB"), size=size, scale=scale))
+        out.append(
+            model_input(
+                Image.fromarray(pixels, mode="RGB"), size=size, scale=scale, normalization=normalization
+            )
+        )
     return out
 
 
@@ -96,14 +153,17 @@ def convert_backbone(
 
     h, w = input_size
     with tempfile.TemporaryDirectory(prefix="dermal-export-") as tmp:
-        saved = os.path.join(tmp, "saved_model")
-        backbone.export(
-            saved,
-            format="tf_saved_model",
-            verbose=False,
-            input_signature=[tf.TensorSpec((1, h, w, 3), tf.float32)],
-        )
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        signature = tf.TensorSpec((1, h, w, 3), tf.float32)
+        if type(backbone).__module__.startswith("tf_keras"):
+            # Keras 2 has no Model.export: convert its inference function, batch 1, training off
+            function = tf.function(lambda x: backbone(x, training=False), input_signature=[signature])
+            converter = tf.lite.TFLiteConverter.from_concrete_functions(
+                [function.get_concrete_function()], backbone
+            )
+        else:
+            saved = os.path.join(tmp, "saved_model")
+            backbone.export(saved, format="tf_saved_model", verbose=False, input_signature=[signature])
+            converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         if quantize == "fp16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
@@ -235,16 +295,23 @@ def load(
     *,
     labels: str | Path | Sequence[str] | None,
     layer: str | None,
-    input_scale: InputScale,
-    resize: str,
+    spec: InputSpec,
+    custom_objects: str | Path | None = None,
 ) -> Loaded:
-    """Step 1: read the Keras file, split it at ``layer``, translate the head, read the labels."""
+    """Step 1: read the Keras file (with the Keras that wrote it), split it at ``layer``, translate the head."""
+    from dermal_fn.keras.formats import custom_objects_from
     from dermal_fn.keras.reference import KerasEngine, read_labels
 
     if not model_path.exists():
         raise ExportError(f"expected a Keras model at {model_path}, found nothing")
     keras_engine = KerasEngine(
-        model_path, sha256=_sha256(model_path), layer=layer, input_scale=input_scale, resize=resize
+        model_path,
+        sha256=_sha256(model_path),
+        layer=layer,
+        input_scale=spec.scale,
+        resize=spec.resize,
+        normalization=spec.normalization,
+        custom_objects=custom_objects_from(custom_objects),
     )
     n_classes = keras_engine.head.n_classes
     if labels is None or isinstance(labels, (str, Path)):
@@ -262,21 +329,25 @@ def manifest_for(
     model_path: Path,
     backbone: bytes,
     quantize: Quantization,
-    input_scale: InputScale,
-    resize: str,
+    spec: InputSpec,
     name: str | None,
 ) -> bundle_format.Manifest:
     """The manifest of the bundle about to be verified (verification figures are added after)."""
-    import keras
     import tensorflow as tf
 
+    from dermal_fn.keras.formats import inspect_file, keras_of
+
     split_ = loaded.split
+    keras = keras_of(loaded.keras_engine.model)
+    file = inspect_file(model_path)
     return bundle_format.Manifest(
         name=name or model_path.stem,
         labels=loaded.labels,
         input_size=split_.input_size,
-        input_scale=input_scale,
-        resize=resize,
+        input_scale=spec.scale,
+        resize=spec.resize,
+        normalization=spec.normalization,
+        preset=spec.preset,
         layer=split_.layer_name,
         feature_map_shape=split_.feature_map_shape,
         quantization=quantize,
@@ -285,8 +356,10 @@ def manifest_for(
             "source": {
                 "keras_file": model_path.name,
                 "keras_sha256": loaded.keras_engine.info.sha256,
+                "kind": file.kind,
+                "written_by_keras": file.written_by,
                 "tensorflow": tf.__version__,
-                "keras": keras.__version__,
+                "keras": f"{keras.__name__} {keras.__version__}",
                 "exported_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             }
         },
@@ -315,15 +388,16 @@ def refusals(report: Verification, *, quantize: Quantization) -> list[str]:
 
 
 def verify_or_refuse(
-    staging: Path, loaded: Loaded, *, quantize: Quantization, input_scale: InputScale, count: int
+    staging: Path, loaded: Loaded, *, quantize: Quantization, spec: InputSpec, count: int
 ) -> Verification:
     """Step 3: serve the staged bundle with LiteRT, compare it with Keras; ExportError if it disagrees."""
     split_ = loaded.split
     engine = LiteRTEngine(staging, sha256=_sha256(staging), num_threads=min(os.cpu_count() or 1, 4))
     try:
-        report = verify(
-            engine, loaded.keras_engine, verification_inputs(split_.input_size, input_scale, count=count)
+        inputs = verification_inputs(
+            split_.input_size, spec.scale, count=count, normalization=spec.normalization
         )
+        report = verify(engine, loaded.keras_engine, inputs)
     finally:
         engine.close()
     logger.info(
@@ -348,28 +422,30 @@ def export_keras(
     layer: str | None = None,
     quantize: Quantization = "none",
     calibration: Sequence[np.ndarray] | CalibrationSource = (),
-    input_scale: InputScale = "raw",
+    input_scale: str = "raw",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     resize: str = "bilinear",
     name: str | None = None,
+    custom_objects: str | Path | None = None,
     verify_inputs: int = 4,
 ) -> Verification:
     """Turn a Keras classifier into one bundle file: load, convert, verify or refuse, write.
 
     ``calibration``: model inputs for ``--quantize int8``, or a function of the model's input size
     that returns them (the caller reads them, e.g. from a folder with
-    :func:`dermal_fn.tools.folders.calibration_images`).
+    :func:`dermal_fn.tools.folders.calibration_images`). ``input_scale``: raw, unit, symmetric, or
+    a preset (caffe, torch); ``mean``/``std`` normalise per channel after it. ``model_path``: a
+    ``.keras`` or ``.h5`` file or a Keras 2 SavedModel folder, loaded with the Keras that wrote it.
     """
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"expected --quantize in {QUANTIZATIONS}, found {quantize!r}")
-    if input_scale not in INPUT_SCALES:
-        raise ExportError(f"expected --input-scale in {INPUT_SCALES}, found {input_scale!r}")
-    if resize not in RESIZE_METHODS:
-        raise ExportError(f"expected resize in {sorted(RESIZE_METHODS)}, found {resize!r}")
+    spec = input_spec(input_scale, mean=mean, std=std, resize=resize)
     model_path, out_path = Path(model_path), Path(out_path)
     started = time.perf_counter()
 
     logger.info("[1/5] loading %s", model_path.name)
-    loaded = load(model_path, labels=labels, layer=layer, input_scale=input_scale, resize=resize)
+    loaded = load(model_path, labels=labels, layer=layer, spec=spec, custom_objects=custom_objects)
     split_, head = loaded.split, loaded.head
     logger.info(
         "[2/5] split at %r: input %s, feature map %s, head %s -> %s",
@@ -397,8 +473,7 @@ def export_keras(
         model_path=model_path,
         backbone=backbone,
         quantize=quantize,
-        input_scale=input_scale,
-        resize=resize,
+        spec=spec,
         name=name,
     )
 
@@ -407,9 +482,7 @@ def export_keras(
     try:
         bundle_format.write(staging, backbone=backbone, manifest=manifest, head=head)
         logger.info("[4/5] verifying the bundle against Keras on %d inputs", verify_inputs)
-        report = verify_or_refuse(
-            staging, loaded, quantize=quantize, input_scale=input_scale, count=verify_inputs
-        )
+        report = verify_or_refuse(staging, loaded, quantize=quantize, spec=spec, count=verify_inputs)
         final = dataclasses.replace(manifest, extra={**manifest.extra, "verification": report.as_json()})
         bundle_format.write(out_path, backbone=backbone, manifest=final, head=head)
     finally:

@@ -8,9 +8,10 @@ TensorFlow is imported only when this module is used.
 from __future__ import annotations
 
 import logging
-import os
+import re
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +20,42 @@ import numpy as np
 from dermal_fn.core.engine import Engine, Inference, ModelInfo
 from dermal_fn.core.gradcam import grad_cam
 from dermal_fn.core.head import Score
-from dermal_fn.core.imaging import InputScale
+from dermal_fn.core.imaging import InputScale, Normalization
 from dermal_fn.core.trust import pooled
-from dermal_fn.keras.split import Split, build_head, split
+from dermal_fn.errors import ExportError
+from dermal_fn.keras.formats import load_model
+from dermal_fn.keras.split import Split, activation_name, build_head, split
 
 logger = logging.getLogger(__name__)
 
 
-def load_keras_model(path: str | Path) -> Any:
-    """Load a ``.keras`` file for inference (no optimizer state)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+def load_keras_model(path: str | Path, *, custom_objects: Mapping[str, Any] | None = None) -> Any:
+    """Load a Keras model (.keras, .h5, SavedModel) for inference, with the Keras that wrote it."""
+    return load_model(path, custom_objects=custom_objects)
 
-    return keras.saving.load_model(str(path), compile=False)
+
+_INDEXED = re.compile(r"^(\d+)\s+(\S.*)$")
 
 
 def read_labels(path: str | Path | None, n_classes: int) -> tuple[str, ...]:
-    """Labels from a file with one per line, or ``class_0``…; the count must match the model."""
+    """Labels from a file, or ``class_0``…; the count must match the model.
+
+    One label per line; or, as Teachable Machine writes ``labels.txt``, ``<index> <name>`` lines, read
+    as names when every line has that form and the indexes are 0, 1, 2… in order.
+    """
     if path is None:
         return tuple(f"class_{i}" for i in range(n_classes))
-    from dermal_fn.errors import ExportError
-
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     labels = tuple(line for line in lines if line)
+    indexed = [_INDEXED.match(label) for label in labels]
+    if labels and all(indexed):
+        indexes = [int(m.group(1)) for m in indexed if m]
+        if indexes != list(range(len(labels))):
+            raise ExportError(
+                f"expected the indexes of {Path(path).name}'s '<index> <name>' lines to be 0..{len(labels) - 1} "
+                f"in order, found {indexes[:10]}"
+            )
+        labels = tuple(m.group(2).strip() for m in indexed if m)
     if len(labels) != n_classes:
         raise ExportError(
             f"expected {n_classes} labels (one per line) in {Path(path).name}, found {len(labels)}"
@@ -63,18 +77,12 @@ class TapeHead:
     """The head's Keras layers run under a GradientTape, with the final activation split off."""
 
     def __init__(self, split_: Split) -> None:
-        import keras
-
         self.layers = list(split_.head_layers)
         self.final: Any = None  # a Dense whose softmax/sigmoid we apply ourselves
         self.output_activation = "none"
         last = self.layers[-1] if self.layers else None
         if last is not None:
-            act = (
-                keras.activations.serialize(getattr(last, "activation", None))
-                if hasattr(last, "activation")
-                else None
-            )
+            act = activation_name(last.activation)[0] if hasattr(last, "activation") else None
             if type(last).__name__ == "Dense" and act in ("softmax", "sigmoid"):
                 self.final = self.layers.pop()
                 self.output_activation = str(act)
@@ -131,9 +139,11 @@ class KerasEngine(Engine):
         labels: tuple[str, ...] | None = None,
         input_scale: InputScale = "raw",
         resize: str = "bilinear",
+        normalization: Normalization | None = None,
+        custom_objects: Mapping[str, Any] | None = None,
     ) -> None:
         path = Path(path)
-        self.model = load_keras_model(path)
+        self.model = load_keras_model(path, custom_objects=custom_objects)
         self.split = split(self.model, layer=layer)
         self.head = build_head(self.split)  # also refuses heads the LiteRT path could not serve
         self.tape_head = TapeHead(self.split)
@@ -148,6 +158,7 @@ class KerasEngine(Engine):
             input_scale=input_scale,
             resize=resize,
             quantization="none",
+            normalization=normalization or Normalization(),
         )
         self._lock = threading.Lock()
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from dermal_fn.core.head import ELEMENTWISE_ACTIVATIONS, Head, Op, OutputActivation
 from dermal_fn.errors import ExportError, UnsupportedLayer
+from dermal_fn.keras.formats import is_model, keras_module, keras_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,7 @@ class Split:
 
 
 def _is_model(layer: Any) -> bool:
-    import keras
-
-    return isinstance(layer, keras.Model)
+    return is_model(layer)
 
 
 def _flat_layers(model: Any) -> list[tuple[tuple[Any, ...], Any]]:
@@ -88,7 +87,7 @@ def _model_input(model: Any) -> Any:
 
 def _backbone_to(model: Any, name: str) -> Any:
     """A keras.Model from model's input to the output of the layer called name (maybe nested)."""
-    import keras
+    keras = keras_of(model)
 
     for layer in model.layers:
         if layer.name == name and not _is_model(layer):
@@ -98,12 +97,13 @@ def _backbone_to(model: Any, name: str) -> Any:
             inner = _backbone_to(layer, name)
             for node in reversed(layer._inbound_nodes):
                 try:
-                    feed = node.input_tensors
-                    probe = keras.Model(_model_input(model), feed)
+                    feed = node.input_tensors  # a list in Keras 3, one tensor in tf-keras
+                    feeds = list(feed) if isinstance(feed, (list, tuple)) else [feed]
+                    probe = keras.Model(_model_input(model), feeds)
                 except (ValueError, AttributeError, TypeError):
                     continue
                 del probe
-                out = inner(feed[0] if len(feed) == 1 else feed)
+                out = inner(feeds[0] if len(feeds) == 1 else feeds)
                 return keras.Model(_model_input(model), out, name=f"{model.name}_backbone")
             raise ExportError(f"expected nested model {layer.name!r} to be called once in {model.name!r}")
     raise ExportError(f"expected a layer named {name!r}, found none (use --layer with a layer name)")
@@ -145,16 +145,20 @@ def split(model: Any, *, layer: str | None = None) -> Split:
 
 
 def activation_name(fn: Any) -> tuple[str, dict[str, Any]]:
-    """The serialised name of a Keras activation function, and its parameters."""
-    import keras
-
-    serialised = keras.activations.serialize(fn)
+    """The serialised name of a Keras activation function (of either Keras), and its parameters."""
+    serialised = _serialize_activation(fn)
     if isinstance(serialised, dict):
         config = serialised.get("config", {})
         name = config if isinstance(config, str) else serialised.get("class_name", "?")
         return str(name), {}
     name = str(serialised)
     return ("silu" if name == "swish" else name), {}
+
+
+def _serialize_activation(fn: Any) -> Any:
+    """``activations.serialize`` of the Keras the function comes from (Keras 3, or tf-keras)."""
+    module = getattr(fn, "__module__", "") or ""
+    return keras_module(module.startswith("tf_keras")).activations.serialize(fn)
 
 
 def _refusal(layer: Any, why: str) -> UnsupportedLayer:

@@ -443,9 +443,7 @@ class Service:
             max_bytes=self.settings.max_decode_bytes,
             available_bytes=self.memory_headroom_bytes(),
         )
-        pixels = imaging.model_input(
-            decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
-        )
+        pixels = info.model_input(decoded.rgb)
         photo = imaging.display_copy(decoded.rgb)
         checks = (
             trust.photo_quality(decoded.rgb, original_size=decoded.original_size, input_size=info.input_size)

@@ -18,16 +18,19 @@ from dermal_fn.errors import DermalError
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dermal_fn.keras.export import export_keras
+    from dermal_fn.keras.export import export_keras, input_spec
     from dermal_fn.tools.folders import calibration_images
 
     if args.calibration is not None and args.quantize != "int8":
         logging.getLogger("dermal_fn").warning(
             "--calibration is used by --quantize int8 only; ignored for %s", args.quantize
         )
+    spec = input_spec(args.input_scale, mean=args.mean, std=args.std, resize=args.resize)
 
     def calibration(size: tuple[int, int]) -> list[np.ndarray]:
-        return calibration_images(args.calibration, size, args.input_scale, resize=args.resize)
+        return calibration_images(
+            args.calibration, size, spec.scale, resize=spec.resize, normalization=spec.normalization
+        )
 
     export_keras(
         args.model,
@@ -37,8 +40,11 @@ def _export(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         calibration=calibration,
         input_scale=args.input_scale,
+        mean=args.mean,
+        std=args.std,
         resize=args.resize,
         name=args.name,
+        custom_objects=args.custom_objects,
     )
     return 0
 
@@ -92,6 +98,17 @@ def _compare(args: argparse.Namespace) -> int:
     return compare_main(args)
 
 
+def _triple(text: str) -> tuple[float, float, float]:
+    """``R,G,B`` as three numbers (argparse type)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, found {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, found {len(values)} in {text!r}")
+    return values[0], values[1], values[2]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
     parser = argparse.ArgumentParser(prog="python -m dermal_fn", description=__doc__)
@@ -99,17 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="turn a Keras classifier into a serving bundle")
-    export.add_argument("model", help="the .keras file")
+    export.add_argument(
+        "model",
+        help="a .keras or .h5 file (Keras 3 or 2) or a Keras 2 SavedModel folder; Teachable Machine's keras_model.h5",
+    )
     export.add_argument("--out", required=True, help="the bundle file to write")
-    export.add_argument("--labels", help="labels file, one per line (default class_0, class_1, ...)")
+    export.add_argument(
+        "--labels",
+        help="labels file: one per line, or '<index> <name>' lines (default class_0, class_1, ...)",
+    )
     export.add_argument("--layer", help="Grad-CAM layer (default: the last layer with a 4-D output)")
     export.add_argument("--quantize", default="none", choices=["none", "fp16", "int8-dynamic", "int8"])
     export.add_argument("--calibration", help="folder of images for --quantize int8")
     export.add_argument(
         "--input-scale",
         default="raw",
-        choices=["raw", "unit", "symmetric"],
-        help="what the model expects: raw 0-255 (default), unit 0-1, symmetric -1..1",
+        choices=["raw", "unit", "symmetric", "caffe", "torch"],
+        help="what the model expects: raw 0-255 (default), unit 0-1, symmetric -1..1 (Teachable Machine), "
+        "caffe (BGR minus the ImageNet mean: ResNet/VGG preprocess_input), torch (0-1, ImageNet mean/std)",
+    )
+    export.add_argument("--mean", type=_triple, help="R,G,B subtracted after the scale (e.g. 0.5,0.5,0.5)")
+    export.add_argument("--std", type=_triple, help="R,G,B divided by after the mean")
+    export.add_argument(
+        "--custom-objects", help="a Python file imported first: its register_keras_serializable classes"
     )
     export.add_argument("--resize", default="bilinear", choices=["bilinear", "nearest", "bicubic", "area"])
     export.add_argument("--name", help="model name in the bundle (default: the file's stem)")
@@ -174,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (DermalError, OSError) as exc:
-        logging.getLogger("dermal_fn").error("error: %s", exc)
+        # one line (two with the cause) for people; the traceback with -v
+        logging.getLogger("dermal_fn").error("error: %s", exc, exc_info=exc if args.verbose else None)
         return 2
 
 

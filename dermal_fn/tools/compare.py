@@ -156,10 +156,9 @@ def open_engine(path: str | Path, *, num_threads: int = 1) -> Any:
 
 
 def _inputs(engine: Any, rgb: Any) -> np.ndarray:
-    from dermal_fn.core.imaging import model_input
 
     info = engine.info
-    return model_input(rgb, size=info.input_size, scale=info.input_scale, resize=info.resize)
+    return info.model_input(rgb)
 
 
 def compare_engines(base: Any, other: Any, files: Sequence[Path]) -> tuple[Summary, list[ImageResult]]:

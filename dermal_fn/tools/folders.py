@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermal_fn.core.imaging import InputScale, decode, model_input
+from dermal_fn.core.imaging import InputScale, Normalization, decode, model_input
 from dermal_fn.errors import DatasetError, ExportError, InvalidImage, UnsupportedMediaType
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ def calibration_images(
     *,
     limit: int = 100,
     resize: str = "bilinear",
+    normalization: Normalization | None = None,
 ) -> list[np.ndarray]:
     """Model inputs from a folder of images, for int8 calibration; generated ones when none is given.
 
@@ -39,7 +40,7 @@ def calibration_images(
             "no --calibration folder given: calibrating int8 on generated images; "
             "pass a folder of real photos for a faithful int8 model"
         )
-        return _generated_calibration(size, scale, count=min(limit, 64))
+        return _generated_calibration(size, scale, count=min(limit, 64), normalization=normalization)
     root = Path(folder)
     if not root.is_dir():
         found = "nothing" if not root.exists() else "a file"
@@ -50,7 +51,9 @@ def calibration_images(
     inputs: list[np.ndarray] = []
     rejected: dict[str, list[str]] = {}  # reason -> file names
     for path in files[:MAX_CALIBRATION_FILES]:
-        problem, pixels = _calibration_input(path, size=size, scale=scale, resize=resize)
+        problem, pixels = _calibration_input(
+            path, size=size, scale=scale, resize=resize, normalization=normalization
+        )
         if problem is not None:
             rejected.setdefault(problem, []).append(path.name)
             continue
@@ -72,7 +75,7 @@ def calibration_images(
 
 
 def _calibration_input(
-    path: Path, *, size: tuple[int, int], scale: InputScale, resize: str
+    path: Path, *, size: tuple[int, int], scale: InputScale, resize: str, normalization: Normalization | None
 ) -> tuple[str | None, np.ndarray | None]:
     """(None, model input) for a usable calibration image, else (the reason, None)."""
     try:
@@ -88,16 +91,21 @@ def _calibration_input(
         return f"images smaller than {max(1, min(size) // 8)} px on a side", None
     if int(rgb.max()) - int(rgb.min()) < 2:
         return "blank (one-colour) images", None
-    return None, model_input(decoded.rgb, size=size, scale=scale, resize=resize)
+    return None, model_input(decoded.rgb, size=size, scale=scale, resize=resize, normalization=normalization)
 
 
-def _generated_calibration(size: tuple[int, int], scale: InputScale, *, count: int) -> list[np.ndarray]:
+def _generated_calibration(
+    size: tuple[int, int], scale: InputScale, *, count: int, normalization: Normalization | None
+) -> list[np.ndarray]:
     from PIL import Image
 
     from dermal_fn.demo import synth
 
     images, _, _ = synth.generate_batch(count, seed=1234, size=max(size))
-    return [model_input(Image.fromarray(img, mode="RGB"), size=size, scale=scale) for img in images]
+    return [
+        model_input(Image.fromarray(img, mode="RGB"), size=size, scale=scale, normalization=normalization)
+        for img in images
+    ]
 
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})

@@ -63,9 +63,7 @@ def run_files(
         except (DermalError, OSError):
             skipped += 1
             continue
-        pixels = imaging.model_input(
-            decoded.rgb, size=info.input_size, scale=info.input_scale, resize=info.resize
-        )
+        pixels = info.model_input(decoded.rgb)
         features = engine.feature_map(pixels)
         result = engine.head.forward(features)
         logits.append(result.logits)
