@@ -6,12 +6,16 @@ model, so serving a bundle never loads TensorFlow (≈530 MB).
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from pathlib import Path
 
 from dermal_fn.core import bundle as bundle_format
 from dermal_fn.core.engine import Engine, LiteRTEngine
 from dermal_fn.errors import BundleError
+from dermal_fn.serving.logs import native_output_as_json
+
+logger = logging.getLogger(__name__)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -37,7 +41,10 @@ def load_engine(
 ) -> Engine:
     """Open a bundle with LiteRT, or a Keras file with the TensorFlow reference backend."""
     if Path(path).is_file() and bundle_format.is_bundle(path):
-        return LiteRTEngine(path, sha256=sha256, num_threads=num_threads, weight_cache_dir=weight_cache_dir)
+        with native_output_as_json(logger):  # LiteRT's own stderr lines, as JSON records
+            return LiteRTEngine(
+                path, sha256=sha256, num_threads=num_threads, weight_cache_dir=weight_cache_dir
+            )
     if is_keras_file(path):
         from dermal_fn.keras.reference import KerasEngine
 

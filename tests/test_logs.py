@@ -1,0 +1,68 @@
+"""Every line the server writes is one JSON object: LiteRT's native lines are captured and re-emitted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dermal_fn.serving.logs import JsonFormatter, native_output_as_json
+from tests.http_fixtures import ServerProcess, jpeg_bytes
+
+NATIVE = (
+    "INFO: [environment.cc:36] Creating LiteRT environment with options\n"
+    "WARNING: [compiler_plugin.cc:312] Failed to load plugin at: /x/libLiteRtCompilerPlugin_IntelOpenvino.so with error: ERROR: [a.cc:1]\n"
+    "\u2514 Could not load shared library libopenvino.so.2631: cannot open shared object file\n"
+    "WARNING: [model.cc:9] something the operator should see\n"
+    "ERROR: [model.cc:10] and something worse\n"
+)
+
+
+def test_native_lines_become_records_with_their_severity(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("dermal_fn.test_native")
+    with caplog.at_level(logging.DEBUG, logger="dermal_fn.test_native"), native_output_as_json(logger):
+        os.write(2, NATIVE.encode())  # as native code writes: straight to the file descriptor
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "dermal_fn.test_native"]
+    assert records == [
+        ("DEBUG", "[environment.cc:36] Creating LiteRT environment with options"),
+        (
+            "DEBUG",  # a vendor plugin that is not installed: expected, not a warning
+            "[compiler_plugin.cc:312] Failed to load plugin at: /x/libLiteRtCompilerPlugin_IntelOpenvino.so with "
+            "error: ERROR: [a.cc:1] Could not load shared library libopenvino.so.2631: cannot open shared object file",
+        ),
+        ("WARNING", "[model.cc:9] something the operator should see"),
+        ("ERROR", "[model.cc:10] and something worse"),
+    ]
+    assert all(getattr(r, "json_fields", {}).get("source") == "litert" for r in caplog.records)
+
+
+def test_nothing_is_lost_when_nothing_is_written(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("dermal_fn.test_native")
+    with caplog.at_level(logging.DEBUG, logger="dermal_fn.test_native"), native_output_as_json(logger):
+        pass
+    assert [r for r in caplog.records if r.name == "dermal_fn.test_native"] == []
+    os.write(2, b"")  # fd 2 is back
+
+
+def test_formatter_writes_one_json_object_per_record() -> None:
+    record = logging.LogRecord("dermal_fn.x", logging.WARNING, __file__, 1, "line one\nline two", None, None)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and json.loads(line)["severity"] == "WARNING"
+
+
+def test_a_real_server_writes_only_json_lines(
+    server_factory: Callable[..., ServerProcess], test_bundle: Path
+) -> None:
+    server = server_factory({"MODEL_URI": str(test_bundle)}, wait="/health")
+    assert server.post_image("/predict", jpeg_bytes())[0] == 200
+    assert server.get_json("/health")[1]["model_state"] == "loaded"
+    server.stop()
+    lines = [line for line in server.log_text().splitlines() if line.strip()]
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines), [
+        line for line in lines if not line.startswith("{")
+    ][:5]
+    assert all("severity" in json.loads(line) for line in lines)
