@@ -34,19 +34,24 @@ LARGE_PHOTO = jpeg_bytes(width=1600, height=1200, seed=2)
 
 
 def default_model(workdir: Path) -> Path:
-    """The demo bundle if present, else a tiny seeded bundle (tests/conftest.py's builder)."""
+    """The demo bundle if present, else the tests' committed tiny bundle."""
     if DEMO.is_file():
         return DEMO
-    from tests.conftest import build_tiny_model
+    from tests.models import TINY, committed
 
-    return build_tiny_model(workdir / "tiny").bundle_path
+    return committed(TINY).bundle_path
 
 
-def one_run(model: Path, source: str, workdir: Path, gcs: Any) -> dict[str, float]:
-    """Start a server, time its cold start, measure its memory, stop it."""
-    # a new container: empty model cache, empty temp dir (no XNNPACK weight cache from a previous run)
+def one_run(
+    model: Path, source: str, workdir: Path, gcs: Any, *, cache: str | None = None
+) -> dict[str, float]:
+    """Start a server, time its cold start (wall and CPU), measure its memory, stop it.
+
+    ``cache``: a model cache folder kept from an earlier run (a worker restart in the same
+    container); None is a new container: empty model cache, empty temp dir.
+    """
     env = {
-        "MODEL_CACHE_DIR": tempfile.mkdtemp(dir=workdir, prefix="cache-"),
+        "MODEL_CACHE_DIR": cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
         "TMPDIR": tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
     }
     if source == "gcs":
@@ -66,6 +71,7 @@ def one_run(model: Path, source: str, workdir: Path, gcs: Any) -> dict[str, floa
                 raise RuntimeError(f"expected 200 from /predict, found {status}: {body}")
         assert server.started_at is not None
         cold_s = time.monotonic() - server.started_at
+        cold_cpu_s = server.cpu_seconds()
         loaded_rss = server.rss_mb()
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda _: server.post_image("/predict", LARGE_PHOTO)[0], range(8)))
@@ -74,11 +80,19 @@ def one_run(model: Path, source: str, workdir: Path, gcs: Any) -> dict[str, floa
         time.sleep(0.5)
         return {
             "cold_start_s": cold_s,
+            "cold_start_cpu_s": cold_cpu_s,
             "idle_rss_mb": idle_rss,
             "loaded_rss_mb": loaded_rss,
             "rss_after_burst_mb": server.rss_mb(),
             "peak_rss_mb": server.peak_rss_mb(),
         }
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {
+        key: round(statistics.median(run[key] for run in runs), 3 if key.endswith("_s") else 1)
+        for key in runs[0]
+    } | {"runs": len(runs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sources", default="local,gcs", help="comma-separated: local, gcs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="also runs that keep the model cache (a worker restart in one container)",
+    )
     args = parser.parse_args(argv)
 
     from tests.gcs_emulator import FakeGCS
@@ -97,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {"model": str(model), "model_mb": round(model.stat().st_size / 2**20, 2)}
         for source in args.sources.split(","):
             runs = [one_run(model, source, workdir, gcs) for _ in range(args.runs)]
-            report[source] = {
-                key: round(statistics.median(run[key] for run in runs), 3 if key.endswith("_s") else 1)
-                for key in runs[0]
-            } | {"runs": len(runs)}
+            report[source] = _medians(runs)
+            if args.restart:
+                kept = tempfile.mkdtemp(dir=workdir, prefix="kept-cache-")
+                one_run(model, source, workdir, gcs, cache=kept)  # fills the cache
+                report[f"{source}_restart"] = _medians(
+                    [one_run(model, source, workdir, gcs, cache=kept) for _ in range(args.runs)]
+                )
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 PRIVATE_MODE = 0o700
 PARTIAL_SUFFIX = ".part"
+DIGEST_MEMO = "digests"  # inside the cache folder: file identity -> size, sha256, crc32c
 
 
 def default_cache_dir() -> Path:

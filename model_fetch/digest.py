@@ -47,13 +47,63 @@ class _Hashes:
         return Digests(size=self.size, sha256=self._sha256.hexdigest(), crc32c=crc32c)
 
 
-def file_digests(path: str | os.PathLike[str]) -> Digests:
-    """Hash a file by streaming it in 1 MiB reads."""
+def file_digests(path: str | os.PathLike[str], *, memo: Path | None = None) -> Digests:
+    """Hash a file by streaming it in 1 MiB reads; with ``memo``, remembered per file identity.
+
+    ``memo`` is a private folder (the model cache's): a file whose inode, size, mtime and ctime are
+    those of a file hashed before is not read again (a cold start of an 80 MB bundle saves reading
+    and hashing it). ctime cannot be set from user space, so a file rewritten in place, even to the
+    same size and mtime, is a new identity.
+    """
+    entry = _memo_entry(Path(path), memo) if memo is not None else None
+    if entry is not None:
+        remembered = _read_memo(entry)
+        if remembered is not None:
+            return remembered
     hashes = _Hashes()
     with open(path, "rb") as file:
         while chunk := file.read(_READ_BYTES):
             hashes.update(chunk)
-    return hashes.digests()
+    digests = hashes.digests()
+    if entry is not None:
+        _write_memo(entry, digests)
+    return digests
+
+
+def remember_digests(path: str | os.PathLike[str], digests: Digests, *, memo: Path) -> None:
+    """Record ``digests`` for the file at ``path`` as it is now (after a verified download)."""
+    entry = _memo_entry(Path(path), memo)
+    if entry is not None:
+        _write_memo(entry, digests)
+
+
+def _memo_entry(path: Path, memo: Path) -> Path | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    identity = (
+        f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    )
+    return memo / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.digest"
+
+
+def _read_memo(entry: Path) -> Digests | None:
+    try:
+        size, sha256, crc32c = entry.read_text().split()
+        return Digests(size=int(size), sha256=sha256, crc32c=crc32c)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_memo(entry: Path, digests: Digests) -> None:
+    try:
+        entry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = entry.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(f"{digests.size} {digests.sha256} {digests.crc32c}\n")
+        os.replace(partial, entry)
+    except OSError:
+        pass  # a memo is an optimisation: without it the next start hashes again
 
 
 class HashingWriter:

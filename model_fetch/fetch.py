@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from model_fetch.cache import default_cache_dir
+from model_fetch.cache import DIGEST_MEMO, default_cache_dir
 from model_fetch.digest import normalize_sha256
 from model_fetch.local import fetch_local
 from model_fetch.result import FetchedModel
@@ -24,7 +24,8 @@ def fetch_model(
     """Resolve a local path, ``file://`` or ``gs://bucket/object`` URI to a verified local file.
 
     Local files are used in place; GCS objects are downloaded into ``cache_dir`` (reused while
-    the generation, size and crc32c still match). ``expected_sha256`` pins the bytes; GCS work
+    the generation, size and crc32c still match). A file's digests are remembered per file identity in
+    ``cache_dir/digests``, so a restart does not hash it again. ``expected_sha256`` pins the bytes; GCS work
     is retried on transient errors and bounded by ``timeout_s``; a model over ``max_bytes`` is refused
     before it is read (ModelTooLarge). The cache folder is made private (0700, ours, no symlink) and
     cleaned of partial files a killed download left. Raises a FetchError subclass.
@@ -35,7 +36,10 @@ def fetch_model(
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     if isinstance(location, LocalLocation):
-        return fetch_local(location, source=uri, expected_sha256=pin, started=started, max_bytes=max_bytes)
+        memo = Path(cache_dir) / DIGEST_MEMO if cache_dir is not None else None
+        return fetch_local(
+            location, source=uri, expected_sha256=pin, started=started, max_bytes=max_bytes, memo=memo
+        )
     from model_fetch.gcs import fetch_gcs  # google-cloud-storage: ~45 MB RSS, only when needed
 
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -32,8 +32,8 @@ from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from model_fetch.cache import PARTIAL_SUFFIX, private_dir, remove_stale_partials
-from model_fetch.digest import Digests, HashingWriter, check_sha256_pin, file_digests
+from model_fetch.cache import DIGEST_MEMO, PARTIAL_SUFFIX, private_dir, remove_stale_partials
+from model_fetch.digest import Digests, HashingWriter, check_sha256_pin, file_digests, remember_digests
 from model_fetch.errors import (
     ChecksumMismatch,
     FetchError,
@@ -236,7 +236,7 @@ def _cached_digests(path: Path, remote: RemoteObject) -> Digests | None:
             remote.size,
         )
         return None
-    digests = file_digests(path)
+    digests = file_digests(path, memo=path.parent / DIGEST_MEMO)
     if digests.crc32c != remote.crc32c:
         logger.warning(
             "cached copy %s of %s has crc32c %s, expected %s: downloading again",
@@ -280,6 +280,7 @@ def _download(
             temporary.flush()
             os.fsync(temporary.fileno())
         os.replace(temporary_path, path)
+        remember_digests(path, digests, memo=path.parent / DIGEST_MEMO)  # a restart need not hash it again
     except BaseException:
         temporary_path.unlink(missing_ok=True)
         raise

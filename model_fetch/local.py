@@ -22,8 +22,9 @@ def fetch_local(
     expected_sha256: str | None,
     started: float,
     max_bytes: int | None = None,
+    memo: Path | None = None,
 ) -> FetchedModel:
-    """Check that a local model file exists, is a regular file and matches the pin."""
+    """Check that a local model file exists, is a regular file and matches the pin (digests memoised in ``memo``)."""
     path = location.path.absolute()
     try:
         mode = path.stat().st_mode
@@ -37,7 +38,7 @@ def fetch_local(
         raise ModelNotFound(f"expected a regular model file at {path}, found a special file")
     check_size(path.stat().st_size, max_bytes, source=str(path))
     try:
-        digests = file_digests(path)
+        digests = file_digests(path, memo=memo)
     except OSError as exc:
         raise FetchError(f"expected a readable model file at {path}, found: {exc}") from exc
     check_sha256_pin(digests, expected_sha256, source=str(path))

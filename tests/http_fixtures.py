@@ -311,6 +311,18 @@ class ServerProcess:
             return []
         return process_group_pids(self.process.pid)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) spent so far by the server's processes, from /proc/<pid>/stat."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
     def rss_mb(self) -> float:
         """Current RSS summed over the server's processes, in MiB."""
         return sum(_status_kib(pid, "VmRSS:") for pid in self.pids()) / 1024

@@ -31,6 +31,7 @@ from model_fetch import (
     StorageUnavailable,
     fetch_model,
 )
+from model_fetch.cache import DIGEST_MEMO
 from model_fetch.gcs import RemoteObject, cache_file_name
 from model_fetch.uri import GcsLocation, LocalLocation, parse_model_uri
 from tests.gcs_emulator import FakeGCS
@@ -43,8 +44,10 @@ def sha256_of(data: bytes) -> str:
 
 
 def files_in(directory: Path) -> list[str]:
-    """Every entry, hidden temp files included."""
-    return sorted(entry.name for entry in directory.iterdir()) if directory.exists() else []
+    """Every entry, hidden temp files included (not the digest memo folder, which is the cache's own)."""
+    if not directory.exists():
+        return []
+    return sorted(entry.name for entry in directory.iterdir() if entry.name != DIGEST_MEMO)
 
 
 @pytest.fixture
@@ -692,3 +695,19 @@ def test_fake_gcs_leaves_no_process_or_files() -> None:
     assert not workdir.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_digests_are_remembered_per_file_identity(tmp_path: Path) -> None:
+    from model_fetch.digest import file_digests
+
+    model = tmp_path / "m.dermal"
+    model.write_bytes(MODEL_BYTES)
+    memo = tmp_path / "cache" / DIGEST_MEMO
+    first = file_digests(model, memo=memo)
+    assert first.sha256 == sha256_of(MODEL_BYTES) and len(list(memo.iterdir())) == 1
+    assert stat.S_IMODE(memo.stat().st_mode) == 0o700
+    entry = next(memo.iterdir())
+    entry.write_text(f"{first.size} {'0' * 64} {first.crc32c}\n")  # what a memo hit returns, unread
+    assert file_digests(model, memo=memo).sha256 == "0" * 64
+    model.write_bytes(MODEL_BYTES[:-1] + b"X")  # rewritten: a new identity (ctime), hashed again
+    assert file_digests(model, memo=memo).sha256 == sha256_of(MODEL_BYTES[:-1] + b"X")

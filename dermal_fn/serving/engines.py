@@ -6,6 +6,7 @@ model, so serving a bundle never loads TensorFlow (≈530 MB).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zipfile
 from pathlib import Path
@@ -37,14 +38,33 @@ def is_keras_file(path: str | Path) -> bool:
 
 
 def load_engine(
-    path: str | Path, *, sha256: str, num_threads: int = 1, weight_cache_dir: Path | None = None
+    path: str | Path,
+    *,
+    sha256: str,
+    num_threads: int = 1,
+    weight_cache_dir: Path | None = None,
+    verified_dir: Path | None = None,
 ) -> Engine:
-    """Open a bundle with LiteRT, or a Keras file with the TensorFlow reference backend."""
+    """Open a bundle with LiteRT, or a Keras file with the TensorFlow reference backend.
+
+    ``verified_dir``: where a bundle that loaded once is remembered by its SHA-256; the same bytes
+    later skip the backbone's CRC-32 read (the SHA-256 already says they are the same bytes).
+    """
     if Path(path).is_file() and bundle_format.is_bundle(path):
+        marker = verified_dir / f"{sha256}.ok" if verified_dir is not None else None
         with native_output_as_json(logger):  # LiteRT's own stderr lines, as JSON records
-            return LiteRTEngine(
-                path, sha256=sha256, num_threads=num_threads, weight_cache_dir=weight_cache_dir
+            engine = LiteRTEngine(
+                path,
+                sha256=sha256,
+                num_threads=num_threads,
+                weight_cache_dir=weight_cache_dir,
+                verify_backbone=marker is None or not marker.exists(),
             )
+        if marker is not None and not marker.exists():
+            with contextlib.suppress(OSError):
+                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                marker.write_text("loaded\n")
+        return engine
     if is_keras_file(path):
         from dermal_fn.keras.reference import KerasEngine
 

@@ -154,6 +154,7 @@ class ModelHolder:
                     sha256=fetched.sha256,
                     num_threads=settings.litert_threads,
                     weight_cache_dir=cache / "xnnpack",
+                    verified_dir=cache / "verified",
                 )
         except Exception as exc:
             self._failed(exc, expected=isinstance(exc, (FetchError, DermalError, OSError)))
