@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
+import gc
 import json
 import logging
 import os
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _SEVERITY = {
@@ -121,3 +123,23 @@ def _re_emit(text: str, logger: logging.Logger) -> None:
             level = logging.DEBUG
         logger.log(level, message, extra={"json_fields": {"source": "litert", "native_severity": severity}})
     sys.stderr.flush()
+
+
+def close_quietly_at_exit(close: Callable[[], None], logger: logging.Logger) -> None:
+    """At interpreter exit: ``close()`` with its native lines as JSON, then drop what native code prints after.
+
+    LiteRT's environments print a line each as they are destroyed; the ones owned by the engine are
+    destroyed by ``close()`` inside the capture, the process-wide ones by C++ static destructors after
+    Python is gone, when nothing is left to re-emit them: fd 2 then goes to /dev/null.
+    """
+
+    def at_exit() -> None:
+        with native_output_as_json(logger):
+            close()
+            gc.collect()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    atexit.register(at_exit)

@@ -27,6 +27,7 @@ from dermal_fn.errors import ConfigError, DermalError, ModelCrashed, ModelUnavai
 from dermal_fn.serving import memory
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.engines import load_engine
+from dermal_fn.serving.logs import close_quietly_at_exit
 from dermal_fn.serving.options import CheckedOptions, PredictOptions
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class ModelHolder:
         }
         self._engine = engine
         self._error, self._failures, self._retry_at = None, 0, None
+        if engine.info.backend == "litert":
+            close_quietly_at_exit(engine.close, logger)  # LiteRT's exit lines: JSON or dropped
         logger.info(
             "model loaded",
             extra={
