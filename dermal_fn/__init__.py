@@ -1,7 +1,9 @@
 """dermal-fn: a Keras skin-image classifier with Grad-CAM, served without TensorFlow.
 
-``predict_skin_with_explanation`` keeps the seed's Django-module signature; everything else is in
-the submodules (config, imaging, bundle, export, engine, head, gradcam, render, service, http).
+``predict_skin_with_explanation`` keeps the seed's Django-module signature. The rest is in layers
+whose folders say what the 512 MB worker may load: ``core`` (no TensorFlow, no settings),
+``serving`` (configuration, the service, HTTP), ``keras`` (everything that needs TensorFlow),
+``tools`` (the command line) and ``demo``; imports go down only (tests/test_layers.py).
 """
 
 from __future__ import annotations
