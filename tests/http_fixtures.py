@@ -36,35 +36,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dermal_fn.serving.config import environment_variables
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 START_COMMAND = "functions-framework --target=dermal --source=main.py --port=$PORT"
 HOST = "127.0.0.1"
 _PR_SET_DEATHSIG = 1
 # environment variables a test server never inherits from the test process (they would change it)
-SCRUBBED = (
-    "MODEL_URI",
-    "MODEL_SHA256",
-    "MODEL_CACHE_DIR",
-    "ENABLE_GRADCAM",
-    "MEMORY_LIMIT_MB",
-    "MEMORY_SOFT_LIMIT_MB",
-    "MAX_UPLOAD_MB",
-    "API_KEY",
-    "LITERT_THREADS",
-    "STORAGE_EMULATOR_HOST",
-    "MODEL_FETCH_TIMEOUT_S",
-    "MODEL_LOAD_TIMEOUT_S",
-    "MODEL_RETRY_S",
-    "MAX_DECODE_MB",
-    "MAX_MODEL_MB",
-    "BODY_TIMEOUT_S",
-    "ALLOW_DEMO_MODEL",
-    "RENDER",
-    "K_SERVICE",
-    "CORS_ORIGINS",
-    "PORT",
-)
+# every variable Settings reads (its field table), and what the platforms and the library read
+SCRUBBED = (*environment_variables(), "STORAGE_EMULATOR_HOST", "RENDER", "K_SERVICE", "PORT")
 
 
 # --- images ----------------------------------------------------------------------------------------

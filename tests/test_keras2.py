@@ -173,6 +173,10 @@ def test_caffe_model_exported_with_its_preprocessing_answers_as_keras_does(tmp_p
     document = manifest(bundle)["input"]
     assert document["preset"] == "caffe" and document["channels"] == "BGR" and document["scale"] == "raw"
     engine = LiteRTEngine(bundle, sha256="b")
+    from dermal_fn.serving.card import model_card
+
+    card_input = model_card(engine)["input"]
+    assert card_input["preset"] == "caffe" and card_input["channels"] == "BGR"  # the card says it too
     image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     served = engine.run(engine.info.model_input(image), gradcam=False).probabilities
     keras_way = k.applications.resnet50.preprocess_input(np.asarray(image, dtype=np.float32)[None])

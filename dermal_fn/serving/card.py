@@ -48,7 +48,8 @@ def model_card(engine: Engine) -> dict[str, Any]:
             "width": info.input_size[1],
             "scale": info.input_scale,
             "resize": info.resize,
-            **({"mean": extra["input_mean"], "std": extra["input_std"]} if "input_mean" in extra else {}),
+            **({} if info.normalization.identity else info.normalization.as_json()),
+            **({"preset": manifest.preset} if manifest is not None and manifest.preset else {}),
         },
         "gradcam": {"layer": info.layer, "method": "Grad-CAM from the NumPy head's exact backward pass"},
         "quantization": {

@@ -513,10 +513,11 @@ def handle(request: flask.Request, *, service_factory: Callable[[], Service] = g
 
 def _finish(request: flask.Request, response: flask.Response, log: dict[str, Any], started: float) -> None:
     """Never read or hold a body the route did not take; log the request."""
-    if response.status_code >= 400 or (_has_body(request) and not request.environ.get(BODY_READ)):
+    unread = _has_body(request) and not request.environ.get(BODY_READ)
+    if response.status_code >= 400 or unread:
         _skip_body_drain(response)
-        if _has_body(request) and not request.environ.get(BODY_READ):
-            _stop_reading(request)
+    if unread:
+        _stop_reading(request)
     _log_request(log, response.status_code, started)
 
 

@@ -38,11 +38,10 @@ MIN_IMAGES_PER_CLASS = 4
 
 @dataclass(frozen=True)
 class Outputs:
-    """What the bundle gives for a folder: logits, raw and reported probabilities, pooled features."""
+    """What the bundle gives for a folder: logits, reported probabilities, pooled features."""
 
     logits: np.ndarray  # (N, K_logits)
     probabilities: np.ndarray  # (N, K) reported: calibrated when the bundle is
-    raw: np.ndarray  # (N, K) the model's own
     pooled: np.ndarray  # (N, C)
     labels: np.ndarray  # (N,), -1 for unlabelled
     skipped: int  # files that were not decodable images
@@ -53,7 +52,7 @@ def run_files(
 ) -> Outputs:
     """Decode each file as the server does, run the bundle, keep what calibration and evaluation need."""
     info = engine.info
-    logits, reported, raw, pooled, labels = [], [], [], [], []
+    logits, reported, pooled, labels = [], [], [], []
     skipped = 0
     bar = Progress(len(files), stream=progress)
     for path, label in files:
@@ -67,7 +66,6 @@ def run_files(
         features = engine.feature_map(pixels)
         result = engine.head.forward(features)
         logits.append(result.logits)
-        raw.append(result.probabilities)
         reported.append(engine.reported(result.logits, result.probabilities))
         pooled.append(trust.pooled(features))
         labels.append(label)
@@ -77,7 +75,6 @@ def run_files(
     return Outputs(
         logits=np.asarray(logits),
         probabilities=np.asarray(reported),
-        raw=np.asarray(raw),
         pooled=np.asarray(pooled),
         labels=np.asarray(labels),
         skipped=skipped,
