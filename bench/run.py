@@ -45,6 +45,7 @@ LIMIT_BYTES = 512 * 1024 * 1024
 # outside the cgroup, render.yaml's memory limits would make the TensorFlow backend skip heatmaps
 UNLIMITED = ("MEMORY_LIMIT_MB", "MEMORY_SOFT_LIMIT_MB")
 GRADCAM_ON, GRADCAM_OFF = "?gradcam=true", "?gradcam=false"
+GRADCAM_HEATMAP = "?gradcam=true&overlay=heatmap"  # what the page asks for: the heatmap alone
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def measure(config: Config, photos: Photos, args: argparse.Namespace, out: Path)
         }
         phases: dict[str, Any] = {}
         for label, clients, variants in (
-            ("1 client, Grad-CAM on/off alternating", 1, (GRADCAM_ON, GRADCAM_OFF)),
+            ("1 client, Grad-CAM on/off alternating", 1, (GRADCAM_ON, GRADCAM_OFF, GRADCAM_HEATMAP)),
             ("4 clients, Grad-CAM on", 4, (GRADCAM_ON,)),
             ("4 clients, Grad-CAM off", 4, (GRADCAM_OFF,)),
         ):

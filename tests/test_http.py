@@ -247,6 +247,47 @@ def test_gradcam_option(client: Client, served: Path, source: str, value: str, s
         check_gradcam(body["gradcam"], served)
 
 
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("overlay", ["png", "heatmap", "none", ""])
+def test_overlay_option(client: Client, served: Path, source: str, overlay: str) -> None:
+    """``overlay`` picks the picture: the blended photo (default), the heatmap alone, or none."""
+    options: dict[str, Any] = {"overlay": overlay, "class": 1}
+    response = send(client, source, options)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    gradcam = response.get_json()["gradcam"]
+    reference = post_raw(client, JPEG, query="?class=1").get_json()["gradcam"]
+    assert gradcam["grid"] == reference["grid"]
+    if overlay in ("png", ""):
+        check_gradcam(gradcam, served)
+        return
+    expected = {"status", "class_index", "label", "layer", "score", "grid"}
+    if overlay == "none":
+        assert set(gradcam) == expected
+        return
+    assert set(gradcam) == expected | {"heatmap_png"}
+    heat = Image.open(io.BytesIO(base64.b64decode(gradcam["heatmap_png"], validate=True)))
+    assert heat.format == "PNG"
+    assert heat.mode == "P"
+    assert "transparency" in heat.info
+    photo = Image.open(io.BytesIO(base64.b64decode(reference["overlay_png"], validate=True)))
+    assert heat.size == photo.size
+
+
+def test_heatmap_over_the_photo_is_the_overlay() -> None:
+    """Laying ``heatmap_png`` over the photo ("source over", as a browser draws it) gives ``overlay_png``."""
+    from dermal_fn.core import render
+
+    rng = np.random.default_rng(3)
+    grid = rng.random((5, 7)).astype(np.float32)
+    grid[2, 3] = 0.0
+    photo = Image.fromarray(rng.integers(0, 256, (90, 160, 3), dtype=np.uint8), mode="RGB")
+    heat = Image.open(io.BytesIO(base64.b64decode(render.heatmap_png_base64(grid, photo.size))))
+    laid = Image.alpha_composite(photo.convert("RGBA"), heat.convert("RGBA")).convert("RGB")
+    drawn = Image.open(io.BytesIO(base64.b64decode(render.overlay_png_base64(photo, grid))))
+    assert np.array_equal(np.asarray(laid), np.asarray(drawn.convert("RGB")))
+    assert not np.array_equal(np.asarray(laid), np.asarray(photo))
+
+
 def test_query_and_body_options_combine(client: Client, served: Path) -> None:
     """Query parameters and JSON keys both count; the body's value wins for the same key."""
     labels = labels_of(served)
@@ -268,6 +309,8 @@ def test_query_and_body_options_combine(client: Client, served: Path) -> None:
         "?class=no_such_label",
         "?score=softmax",
         "?gradcam=maybe",
+        "?overlay=jpeg",
+        "?overlay=PNG",
     ],
 )
 def test_bad_option_is_422(client: Client, served: Path, query: str) -> None:

@@ -48,7 +48,14 @@ def test_document_lists_every_route_and_error_code() -> None:
         "application/octet-stream",
         "image/jpeg",
     }
-    assert {p["name"] for p in predict["parameters"]} == {"top_k", "class", "score", "gradcam", "assess"}
+    assert {p["name"] for p in predict["parameters"]} == {
+        "top_k",
+        "class",
+        "score",
+        "gradcam",
+        "assess",
+        "overlay",
+    }
     assert "Retry-After" in predict["responses"]["503"]["headers"]
     from dermal_fn.serving.http import ERROR_TABLE
 

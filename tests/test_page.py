@@ -98,10 +98,17 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # --- servers -----------------------------------------------------------------------------------------
 
 
-def post_multipart(server: ServerProcess, path: Path, *, api_key: str | None = None) -> tuple[int, Any]:
+def post_multipart(
+    server: ServerProcess, path: Path, *, api_key: str | None = None, overlay: str | None = None
+) -> tuple[int, Any]:
     """POST a file to /predict as multipart field 'image' (as the page does): status and JSON body."""
     boundary = uuid.uuid4().hex
-    body = (
+    field = (
+        b""
+        if overlay is None
+        else f'--{boundary}\r\nContent-Disposition: form-data; name="overlay"\r\n\r\n{overlay}\r\n'.encode()
+    )
+    body = field + (
         (
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
@@ -313,12 +320,13 @@ def test_upload_shows_predictions_and_heatmap_as_the_json_says(
     assert page.locator("#file-info").inner_text().startswith("small.jpg")
     overlay_size = wait_for_overlay(tab)
 
-    status, body = post_multipart(server, photos["small.jpg"])
+    # the page has the photo, so it asks for the heatmap alone and lays it over the photo
+    status, body = post_multipart(server, photos["small.jpg"], overlay="heatmap")
     assert status == 200
     assert_matches_json(tab, body)
     assert (
         page.locator("#overlay").get_attribute("src")
-        == "data:image/png;base64," + body["gradcam"]["overlay_png"]
+        == "data:image/png;base64," + body["gradcam"]["heatmap_png"]
     )
     assert overlay_size == (384, 384)
     caption = page.locator("#heat-caption").inner_text()

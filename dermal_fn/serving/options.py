@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from dermal_fn.core.head import SCORES, Score
 from dermal_fn.errors import ConfigError, InvalidOption
 from dermal_fn.serving.config import parse_bool
 
 DEFAULT_TOP_K = 3
-OPTION_NAMES = ("top_k", "class", "score", "gradcam", "assess")
+OPTION_NAMES = ("top_k", "class", "score", "gradcam", "assess", "overlay")
+# what the heatmap comes as: the photo with it blended on (``overlay_png``, the default), the
+# coloured heatmap alone with alpha to lay over the photo (``heatmap_png``, ~10x cheaper), or the grid only
+OVERLAYS = ("png", "heatmap", "none")
+Overlay = Literal["png", "heatmap", "none"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class PredictOptions:
     score: Score = "logit"
     gradcam: bool | None = None  # None: ENABLE_GRADCAM decides
     assess: bool = True  # the assessment (quality, distribution, confidence) beside the answer
+    overlay: Overlay = "png"
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> PredictOptions:
@@ -47,6 +52,12 @@ class PredictOptions:
             if raw not in SCORES:
                 raise InvalidOption(f"expected score to be one of {list(SCORES)}, found {_show(raw)}")
             score = raw
+        overlay: Overlay = "png"
+        raw = values.get("overlay")
+        if raw is not None and raw != "":
+            if raw not in OVERLAYS:
+                raise InvalidOption(f"expected overlay to be one of {list(OVERLAYS)}, found {_show(raw)}")
+            overlay = raw
         gradcam = _flag(values, "gradcam")
         assess = _flag(values, "assess")
         return cls(
@@ -55,6 +66,7 @@ class PredictOptions:
             score=score,
             gradcam=gradcam,
             assess=True if assess is None else assess,
+            overlay=overlay,
         )
 
     def checked(self, labels: tuple[str, ...]) -> CheckedOptions:
@@ -70,6 +82,7 @@ class PredictOptions:
             score=self.score,
             gradcam=self.gradcam,
             assess=self.assess,
+            overlay=self.overlay,
         )
 
 
@@ -82,6 +95,7 @@ class CheckedOptions:
     score: Score
     gradcam: bool | None
     assess: bool = True
+    overlay: Overlay = "png"
 
 
 def class_index(value: int | str, labels: tuple[str, ...]) -> int:

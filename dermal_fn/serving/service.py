@@ -28,7 +28,7 @@ from dermal_fn.serving import memory
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.logs import close_quietly_at_exit
-from dermal_fn.serving.options import CheckedOptions, PredictOptions
+from dermal_fn.serving.options import CheckedOptions, Overlay, PredictOptions
 
 logger = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ class Service:
             )
         assessment = assess(engine, inference, decoded.quality) if decoded.quality is not None else None
         t0 = timer()
-        gradcam_body = self.gradcam_body(plan, inference, decoded.photo, info)
+        gradcam_body = self.gradcam_body(plan, inference, decoded.photo, info, overlay=checked.overlay)
         render_ms = (timer() - t0) * 1e3 if gradcam_body["status"] == "ok" else 0.0
         timing_ms = {
             "decode": decoded.decode_ms,
@@ -489,20 +489,30 @@ class Service:
         return GradcamPlan(run=True, body={"status": "ok"})
 
     def gradcam_body(
-        self, plan: GradcamPlan, inference: Inference, photo: Image.Image, info: ModelInfo
+        self,
+        plan: GradcamPlan,
+        inference: Inference,
+        photo: Image.Image,
+        info: ModelInfo,
+        *,
+        overlay: Overlay = "png",
     ) -> dict[str, Any]:
-        """The ``gradcam`` object: the plan's note, or the grid and its overlay (rendered here)."""
+        """The ``gradcam`` object: the plan's note, or the grid and the picture ``overlay`` asks for."""
         if not plan.run or inference.grid is None:
             return plan.body
-        return {
+        body: dict[str, Any] = {
             "status": "ok",
             "class_index": inference.class_index,
             "label": info.labels[inference.class_index],
             "layer": info.layer,
             "score": inference.score,
             "grid": np.round(inference.grid, 4).tolist(),
-            "overlay_png": render.overlay_png_base64(photo, inference.grid),
         }
+        if overlay == "png":
+            body["overlay_png"] = render.overlay_png_base64(photo, inference.grid)
+        elif overlay == "heatmap":
+            body["heatmap_png"] = render.heatmap_png_base64(inference.grid, photo.size)
+        return body
 
 
 def assess(engine: Engine, inference: Inference, quality: dict[str, Any]) -> dict[str, Any]:
