@@ -12,6 +12,10 @@ requests with a 1600x1200 photo, and reads RSS and VmHWM summed over the server'
 (gunicorn master + worker) from /proc. Prints the medians over ``--runs``.
 
 The model defaults to the bundled demo model, else a tiny seeded one built on the spot.
+
+The idle RSS is a regression guard: each source's median is compared with the committed figure in
+``bench/baseline.json`` (plus its tolerance) and the report says ``ok`` or ``regressed``; with
+``--guard`` a regression is exit status 1.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 from tests.http_fixtures import ServerProcess, jpeg_bytes
 
+BASELINE = Path(__file__).resolve().parent / "baseline.json"
 DEMO = Path(__file__).resolve().parent.parent / "dermal_fn" / "models" / "synthetic_demo.dermal"
 SMALL_PHOTO = jpeg_bytes(width=640, height=480, seed=1)
 LARGE_PHOTO = jpeg_bytes(width=1600, height=1200, seed=2)
@@ -95,12 +100,25 @@ def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
     } | {"runs": len(runs)}
 
 
+def idle_rss_guard(measured_mb: float, baseline: dict[str, Any]) -> dict[str, Any]:
+    """The idle server's RSS against the committed figure: ``ok`` within the tolerance, else ``regressed``."""
+    committed = float(baseline["idle_rss_mb"])
+    limit = committed * (1.0 + float(baseline["tolerance"]))
+    return {
+        "committed_mb": committed,
+        "measured_mb": round(measured_mb, 1),
+        "limit_mb": round(limit, 1),
+        "verdict": "ok" if measured_mb <= limit else "regressed",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a bundle (default: the demo model, else a tiny one)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sources", default="local,gcs", help="comma-separated: local, gcs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--guard", action="store_true", help="exit 1 when the idle RSS regressed")
     parser.add_argument(
         "--restart",
         action="store_true",
@@ -123,10 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                 report[f"{source}_restart"] = _medians(
                     [one_run(model, source, workdir, gcs, cache=kept) for _ in range(args.runs)]
                 )
+    baseline = json.loads(BASELINE.read_text())
+    guards = {
+        source: idle_rss_guard(figures["idle_rss_mb"], baseline)
+        for source, figures in list(report.items())
+        if isinstance(figures, dict) and "idle_rss_mb" in figures
+    }
+    report["idle_rss_guard"] = guards
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    regressed = [source for source, guard in guards.items() if guard["verdict"] != "ok"]
+    return 1 if args.guard and regressed else 0
 
 
 if __name__ == "__main__":

@@ -101,3 +101,16 @@ def test_targets_say_met_or_missed_by_how_much() -> None:
     assert not over["met"] and over["note"] == "missed by 20 MB"
     assert not ratio["met"] and ratio["note"] == "missed by 0.5 x"
     assert report._target("unmeasured", None, 1, unit="s")["met"] is False
+
+
+def test_idle_rss_guard_compares_with_the_committed_figure() -> None:
+    """The committed baseline is read as the benchmark reads it; above its tolerance is a regression."""
+    from bench.coldstart import BASELINE, idle_rss_guard
+
+    baseline = json.loads(BASELINE.read_text())
+    committed = float(baseline["idle_rss_mb"])
+    assert 30 < committed < 200
+    assert idle_rss_guard(committed, baseline)["verdict"] == "ok"
+    assert idle_rss_guard(committed * (1 + baseline["tolerance"]) + 0.1, baseline)["verdict"] == "regressed"
+    # functions-framework 3.5 -> 3.6 (#323): ~125 -> 200+ MB would be caught
+    assert idle_rss_guard(committed + 100, baseline)["verdict"] == "regressed"
