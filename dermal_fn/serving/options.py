@@ -46,18 +46,8 @@ class PredictOptions:
             if isinstance(raw, (bool, float)) or not isinstance(raw, (int, str)):
                 raise InvalidOption(f"expected class to be an index or a label, found {_show(raw)}")
             class_ = int(raw) if isinstance(raw, int) or _is_int(raw) else str(raw)
-        score: Score = "logit"
-        raw = values.get("score")
-        if raw is not None and raw != "":
-            if raw not in SCORES:
-                raise InvalidOption(f"expected score to be one of {list(SCORES)}, found {_show(raw)}")
-            score = raw
-        overlay: Overlay = "png"
-        raw = values.get("overlay")
-        if raw is not None and raw != "":
-            if raw not in OVERLAYS:
-                raise InvalidOption(f"expected overlay to be one of {list(OVERLAYS)}, found {_show(raw)}")
-            overlay = raw
+        score: Score = _choice(values, "score", SCORES, default="logit")
+        overlay: Overlay = _choice(values, "overlay", OVERLAYS, default="png")
         gradcam = _flag(values, "gradcam")
         assess = _flag(values, "assess")
         return cls(
@@ -111,6 +101,16 @@ def class_index(value: int | str, labels: tuple[str, ...]) -> int:
     if not 0 <= index < n:
         raise InvalidOption(f"expected class index 0..{n - 1}, found {index}")
     return index
+
+
+def _choice(values: Mapping[str, Any], name: str, choices: tuple[str, ...], *, default: str) -> Any:
+    """One of ``choices`` (``default`` when absent or empty); 422 for anything else."""
+    raw = values.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw not in choices:
+        raise InvalidOption(f"expected {name} to be one of {list(choices)}, found {_show(raw)}")
+    return raw
 
 
 def _flag(values: Mapping[str, Any], name: str) -> bool | None:
