@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = json.loads(BASELINE.read_text())
     guards = {
         source: idle_rss_guard(figures["idle_rss_mb"], baseline)
-        for source, figures in list(report.items())
+        for source, figures in report.items()
         if isinstance(figures, dict) and "idle_rss_mb" in figures
     }
     report["idle_rss_guard"] = guards

@@ -26,22 +26,22 @@ def p50(config: dict[str, Any], phase: str, variant: str | None = None) -> float
     data = config.get("phases", {}).get(phase)
     if data is None:
         return None
-    value = data["variants"][variant]["p50_ms"] if variant is not None else data["p50_ms"]
+    if variant is not None:
+        data = data["variants"].get(variant)  # a run from before the variant existed has none
+        if data is None:
+            return None
+    value = data["p50_ms"]
     return None if value is None else float(value)
 
 
 def gradcam_overhead(config: dict[str, Any], variant: str = ON) -> float | None:
     """p50 with Grad-CAM on over p50 off, minus 1, from the paired (alternating) 1-client phase."""
-    if variant not in config.get("phases", {}).get(ALTERNATING, {}).get("variants", {}):
-        return None
     on, off = p50(config, ALTERNATING, variant), p50(config, ALTERNATING, OFF)
     return None if not on or not off else on / off - 1.0
 
 
 def e2e_ratio(config: dict[str, Any], variant: str = ON) -> float | None:
     """End-to-end p50 (1 client, Grad-CAM on) over the bare interpreter's median invoke."""
-    if variant not in config.get("phases", {}).get(ALTERNATING, {}).get("variants", {}):
-        return None
     on = p50(config, ALTERNATING, variant)
     bare = config.get("bare_invoke", {}).get("median_ms")
     return None if not on or not bare else on / float(bare)

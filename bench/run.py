@@ -44,8 +44,8 @@ logger = logging.getLogger("bench")
 LIMIT_BYTES = 512 * 1024 * 1024
 # outside the cgroup, render.yaml's memory limits would make the TensorFlow backend skip heatmaps
 UNLIMITED = ("MEMORY_LIMIT_MB", "MEMORY_SOFT_LIMIT_MB")
-GRADCAM_ON, GRADCAM_OFF = "?gradcam=true", "?gradcam=false"
-GRADCAM_HEATMAP = "?gradcam=true&overlay=heatmap"  # what the page asks for: the heatmap alone
+# the variants the report reads (what the page asks for: the heatmap alone)
+GRADCAM_ON, GRADCAM_OFF, GRADCAM_HEATMAP = report.ON, report.OFF, report.HEATMAP
 
 
 @dataclass(frozen=True)

@@ -36,30 +36,39 @@ def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 JET_LUT = jet(np.linspace(0.0, 1.0, 256))  # (256, 3) uint8
 
 
+def heat_levels(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The grid upsampled to ``size`` (width, height) as uint8 levels 0..255: indices into ``JET_LUT``."""
+    heat = np.clip(upsample(grid, size), 0.0, 1.0)
+    return np.asarray(np.round(heat * 255.0), dtype=np.uint8)
+
+
+def alpha_table(max_alpha: float) -> np.ndarray:
+    """The blend weight of each level: ``round(level * max_alpha)``, uint8 (256,)."""
+    return np.asarray(np.round(np.arange(256) * max_alpha), dtype=np.uint8)
+
+
 def overlay(photo: Image.Image, grid: np.ndarray, *, max_alpha: float = MAX_ALPHA) -> Image.Image:
     """Blend the upsampled heatmap onto the photo; cold regions keep the photo as it is.
 
     Works in uint8 with a 256-entry colour table and Pillow's compositing: a few ms for 512 px.
     """
     base = photo.convert("RGB")
-    heat = np.clip(upsample(grid, base.size), 0.0, 1.0)
-    levels = np.asarray(np.round(heat * 255.0), dtype=np.uint8)
+    levels = heat_levels(grid, base.size)
     colour = Image.fromarray(JET_LUT[levels], mode="RGB")
-    mask = Image.fromarray(np.asarray(np.round(levels * max_alpha), dtype=np.uint8), mode="L")
+    mask = Image.fromarray(alpha_table(max_alpha)[levels], mode="L")
     return Image.composite(colour, base, mask)
 
 
 def heatmap(grid: np.ndarray, size: tuple[int, int], *, max_alpha: float = MAX_ALPHA) -> Image.Image:
     """The upsampled heatmap alone at ``size`` (width, height): a palette image, jet colours, alpha.
 
-    Palette entry ``i`` is ``jet(i / 255)`` with alpha ``round(i * max_alpha)``: laid over the photo
-    ("source over") it gives what :func:`overlay` draws, and its PNG is a few KB.
+    Palette entry ``i`` is ``JET_LUT[i]`` with alpha ``alpha_table(max_alpha)[i]``, the colour and the
+    mask :func:`overlay` composites with: laid over the photo ("source over") it gives what
+    :func:`overlay` draws, and its PNG is a few KB.
     """
-    heat = np.clip(upsample(grid, size), 0.0, 1.0)
-    levels = np.asarray(np.round(heat * 255.0), dtype=np.uint8)
-    image = Image.fromarray(levels, mode="L").convert("P")  # "L" → "P" keeps the indices
+    image = Image.fromarray(heat_levels(grid, size), mode="L").convert("P")  # "L" → "P" keeps the indices
     image.putpalette(JET_LUT.tobytes(), rawmode="RGB")
-    image.info["transparency"] = bytes(np.round(np.arange(256) * max_alpha).astype(np.uint8))
+    image.info["transparency"] = alpha_table(max_alpha).tobytes()
     return image
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from dermal_fn.core.head import SCORES, Score
 from dermal_fn.errors import ConfigError, InvalidOption
@@ -14,8 +14,8 @@ DEFAULT_TOP_K = 3
 OPTION_NAMES = ("top_k", "class", "score", "gradcam", "assess", "overlay")
 # what the heatmap comes as: the photo with it blended on (``overlay_png``, the default), the
 # coloured heatmap alone with alpha to lay over the photo (``heatmap_png``, ~10x cheaper), or the grid only
-OVERLAYS = ("png", "heatmap", "none")
 Overlay = Literal["png", "heatmap", "none"]
+OVERLAYS: tuple[Overlay, ...] = get_args(Overlay)
 
 
 @dataclass(frozen=True)
