@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from dermal_fn.core import bundle as bundle_format
 from dermal_fn.core import imaging
-from dermal_fn.core.engine import LiteRTEngine
+from dermal_fn.core.engine import LiteRTEngine, litert_runtime
 from dermal_fn.errors import BundleError
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.options import PredictOptions
@@ -141,3 +142,103 @@ def test_decode_then_model_input_shape(tiny_model: TinyModel) -> None:
     assert pixels.shape == (1, tiny_model.size, tiny_model.size, 3)
     assert pixels.dtype == np.float32
     assert pixels.min() >= 0.0 and pixels.max() <= 255.0
+
+
+# --- the load check: a zero-image inference unless these bytes are proven to run here ----------------
+
+
+def rewritten(
+    source: Path, target: Path, *, runtime: str | None, crc: bool = True, flip: tuple[int, ...] = ()
+) -> Path:
+    """``source`` with ``verification.runtime`` set (None: no verification record), its CRC kept or
+    dropped, and the backbone bytes at ``flip`` inverted (the manifest's CRC left as it was)."""
+    data = source.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        head = z.read("head.npz")
+    backbone = bytearray(data[: manifest["backbone_bytes"]])
+    for index in flip:
+        backbone[index] ^= 0xFF
+    if runtime is None:
+        manifest.pop("verification", None)
+    else:
+        manifest["verification"] = {**manifest.get("verification", {}), "runtime": runtime}
+    if not crc:
+        manifest.pop("backbone_crc32")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        z.writestr("head.npz", head)
+    target.write_bytes(bytes(backbone) + archive.getvalue())
+    return target
+
+
+@pytest.mark.parametrize(
+    ("runtime", "crc", "expected"),
+    [
+        ("this", True, "exporter"),  # the exporter ran these very bytes on this runtime
+        ("ai-edge-litert 0.0.1", True, "zero-image inference"),  # another runtime
+        ("this", False, "zero-image inference"),  # no CRC: the bytes may not be the exporter's
+        (None, True, "zero-image inference"),  # no verification record
+    ],
+)
+def test_check_inference_is_skipped_only_for_bytes_proven_to_run_here(
+    tiny_model: TinyModel, tmp_path: Path, runtime: str | None, crc: bool, expected: str
+) -> None:
+    claimed = litert_runtime() if runtime == "this" else runtime
+    path = rewritten(tiny_model.bundle_path, tmp_path / "b.dermal", runtime=claimed, crc=crc)
+    engine = LiteRTEngine(path, sha256="x")
+    assert engine.load_check == expected
+    reference = LiteRTEngine(tiny_model.bundle_path, sha256="x")
+    pixels = np.random.default_rng(3).uniform(0, 255, (1, tiny_model.size, tiny_model.size, 3))
+    mine, theirs = engine.run(pixels.astype(np.float32)), reference.run(pixels.astype(np.float32))
+    np.testing.assert_array_equal(mine.probabilities, theirs.probabilities)
+    assert mine.grid is not None and theirs.grid is not None
+    np.testing.assert_array_equal(mine.grid, theirs.grid)
+
+
+def test_a_runtime_claim_never_skips_the_crc(tiny_model: TinyModel, tmp_path: Path) -> None:
+    path = rewritten(tiny_model.bundle_path, tmp_path / "b.dermal", runtime=litert_runtime(), flip=(500, 501))
+    with pytest.raises(BundleError, match="CRC-32"):
+        LiteRTEngine(path, sha256="x")
+
+
+def test_a_load_is_remembered_per_runtime(tiny_model: TinyModel, tmp_path: Path) -> None:
+    verified = tmp_path / "verified"
+    first = load_engine(tiny_model.bundle_path, sha256="ab" * 32, verified_dir=verified)
+    assert first.load_check == "zero-image inference"  # the committed bundle has no runtime record
+    marker = verified / f"{'ab' * 32}.ok"
+    assert marker.read_text().strip() == litert_runtime()
+    again = load_engine(tiny_model.bundle_path, sha256="ab" * 32, verified_dir=verified)
+    assert again.load_check == "earlier load"
+    marker.write_text("ai-edge-litert 0.0.1\n")  # a runtime upgrade with the cache kept
+    upgraded = load_engine(tiny_model.bundle_path, sha256="ab" * 32, verified_dir=verified)
+    assert upgraded.load_check == "zero-image inference"
+    assert marker.read_text().strip() == litert_runtime()
+    other = load_engine(tiny_model.bundle_path, sha256="cd" * 32, verified_dir=verified)
+    assert other.load_check == "zero-image inference"  # another SHA-256: other bytes
+
+
+def test_a_request_imports_nothing_lazily_that_costs_a_cold_start(tiny_model: TinyModel) -> None:
+    """The first request pays any module it imports late: numpy.ma (via np.percentile) cost 0.1 CPU-s."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from dermal_fn.serving.config import Settings
+        from dermal_fn.serving.options import PredictOptions
+        from dermal_fn.serving.service import Service
+        from tests.test_engine import jpeg_bytes
+        service = Service(Settings.from_env({{"MODEL_URI": {str(tiny_model.bundle_path)!r}}}))
+        service.holder.get()
+        photo = jpeg_bytes((640, 480))
+        before = set(sys.modules)
+        service.predict(photo, PredictOptions())
+        print(json.dumps(sorted(set(sys.modules) - before)))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    late = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "numpy.ma" not in late, f"modules the first request imported: {late}"

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from dermal_fn.core import bundle as bundle_format
-from dermal_fn.core.engine import LiteRTEngine
+from dermal_fn.core.engine import LiteRTEngine, litert_runtime
 from dermal_fn.core.imaging import decode, model_input
 from dermal_fn.demo import synth
 from dermal_fn.errors import ExportError
@@ -257,9 +257,11 @@ def test_bundle_is_written_verified_and_served(bundles: dict[str, Path], images:
     verification = loaded.manifest.extra["verification"]
     assert verification["head_max_probability_diff"] < 1e-4
     assert verification["head_max_heatmap_diff"] < 1e-3
+    assert verification["runtime"] == litert_runtime()  # so serving here skips the check inference
     if mode != "none":
         assert path.stat().st_size < 0.6 * bundles["none"].stat().st_size
     engine = _engine(path)
+    assert engine.load_check == "exporter"
     result = engine.run(_pixels(next(images.iterdir())), score="logit")
     assert result.probabilities.shape == (len(synth.LABELS),)
     assert result.probabilities.sum() == pytest.approx(1.0, abs=1e-5)

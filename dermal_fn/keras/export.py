@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dermal_fn.core import bundle as bundle_format
-from dermal_fn.core.engine import Engine, LiteRTEngine
+from dermal_fn.core.engine import Engine, LiteRTEngine, litert_runtime
 from dermal_fn.core.head import Head
 from dermal_fn.core.imaging import INPUT_PRESETS, INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.errors import ExportError
@@ -99,6 +99,9 @@ class Verification:
     top1_agreement: float
     head_max_probability_diff: float  # NumPy head vs Keras head on the bundle's own feature map
     head_max_heatmap_diff: float
+    # the LiteRT that ran the bundle here: serving on the same runtime, with the backbone's CRC-32
+    # intact, need not run it on a zero image again at load (dermal_fn.core.engine.LiteRTEngine)
+    runtime: str = ""
 
     def as_json(self) -> dict[str, float | int]:
         """Plain data for the manifest."""
@@ -269,6 +272,7 @@ def verify(
         top1_agreement=agree / max(len(inputs), 1),
         head_max_probability_diff=head_p,
         head_max_heatmap_diff=head_h,
+        runtime=litert_runtime(),
     )
 
 

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 from dermal_fn.core import bundle as bundle_format
-from dermal_fn.core.engine import Engine, LiteRTEngine
+from dermal_fn.core.engine import Engine, LiteRTEngine, litert_runtime
 from dermal_fn.errors import BundleError
 from dermal_fn.serving.logs import native_output_as_json
 
@@ -37,6 +37,16 @@ def is_keras_file(path: str | Path) -> bool:
     return "config.json" in names and not bundle_format.is_bundle(path)
 
 
+def _marker_says(marker: Path | None, runtime: str) -> bool:
+    """True when ``marker`` records a load of these bytes on ``runtime``."""
+    if marker is None:
+        return False
+    try:
+        return marker.read_text().strip() == runtime
+    except OSError:
+        return False
+
+
 def load_engine(
     path: str | Path,
     *,
@@ -47,23 +57,25 @@ def load_engine(
 ) -> Engine:
     """Open a bundle with LiteRT, or a Keras file with the TensorFlow reference backend.
 
-    ``verified_dir``: where a bundle that loaded once is remembered by its SHA-256; the same bytes
-    later skip the backbone's CRC-32 read (the SHA-256 already says they are the same bytes).
+    ``verified_dir``: where a bundle that loaded once is remembered by its SHA-256, with the runtime
+    it ran on; the same bytes on the same runtime later skip the backbone's CRC-32 read and the
+    check inference (the SHA-256 already says they are the same bytes, the marker that they ran).
     """
     if Path(path).is_file() and bundle_format.is_bundle(path):
         marker = verified_dir / f"{sha256}.ok" if verified_dir is not None else None
+        runtime = litert_runtime()
         with native_output_as_json(logger):  # LiteRT's own stderr lines, as JSON records
             engine = LiteRTEngine(
                 path,
                 sha256=sha256,
                 num_threads=num_threads,
                 weight_cache_dir=weight_cache_dir,
-                verify_backbone=marker is None or not marker.exists(),
+                known_good=_marker_says(marker, runtime),
             )
-        if marker is not None and not marker.exists():
+        if marker is not None and engine.load_check != "earlier load":
             with contextlib.suppress(OSError):
                 marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                marker.write_text("loaded\n")
+                marker.write_text(f"{runtime}\n")
         return engine
     if is_keras_file(path):
         from dermal_fn.keras.reference import KerasEngine
