@@ -115,6 +115,21 @@ TRANSFORMS = {
 }
 
 
+@pytest.mark.parametrize("shape", [(1,), (2,), (7, 3), (256, 192), (1, 1000)])
+def test_percentiles_are_numpys_linear_percentiles(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape) * 1000 + shape[-1])
+    for values in (rng.integers(0, 256, shape).astype(np.float32), rng.normal(size=shape)):
+        qs = (0.0, 10.0, 37.5, 50.0, 90.0, 100.0)
+        np.testing.assert_allclose(
+            trust.percentiles(values, qs), np.percentile(values, qs), rtol=0, atol=1e-9
+        )
+
+
+def test_percentiles_of_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        trust.percentiles(np.zeros((0,)), (10.0,))
+
+
 def test_no_generated_skin_photo_of_any_tone_is_called_poor() -> None:
     """150 generated photos (every skin tone, vignette and hair the generator draws): all "ok"."""
     rng = np.random.default_rng(77)
