@@ -5,7 +5,8 @@
 For each source (``local``: MODEL_URI is the file; ``gcs``: MODEL_URI is ``gs://`` on a
 fake-gcs-server on 127.0.0.1) and each run (as in a new container: an empty MODEL_CACHE_DIR and TMPDIR,
 so every ``gs://`` run downloads and every run builds LiteRT's XNNPACK weight cache) it
-starts ``functions-framework --target=dermal --source=main.py --port=N`` (tests/http_fixtures.py),
+starts ``functions-framework --target=dermal --source=main.py --port=N`` (tests/http_fixtures.py)
+with render.yaml's environment,
 polls ``GET /memory`` until the server answers (RSS then: the idle server, no model), then
 ``POST /predict`` until the first 200 (cold start = spawn → that 200), sends a burst of 8 concurrent
 requests with a 1600x1200 photo, and reads RSS and VmHWM summed over the server's processes
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.server import render_env
 from tests.http_fixtures import ServerProcess, jpeg_bytes
 
 BASELINE = Path(__file__).resolve().parent / "baseline.json"
@@ -55,7 +57,7 @@ def one_run(
     ``cache``: a model cache folder kept from an earlier run (a worker restart in the same
     container); None is a new container: empty model cache, empty temp dir.
     """
-    env = {
+    env = {key: value for key, value in render_env().items() if key != "PYTHON_VERSION"} | {
         "MODEL_CACHE_DIR": cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
         "TMPDIR": tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
     }
