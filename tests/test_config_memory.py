@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import platform
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +18,8 @@ from dermal_fn.models import DEMO_BUNDLE
 from dermal_fn.serving import memory
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.service import ModelHolder, Service, get_service, reset_service
+
+REPO = Path(__file__).resolve().parents[1]
 
 MIB = 1024 * 1024
 
@@ -350,3 +357,76 @@ def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
     finally:
         live.kill()
         live.wait()
+
+
+# --- the allocator ---------------------------------------------------------------------------------
+
+ALLOCATOR_PROBE = r"""
+import ctypes, json, os, sys, tempfile, threading
+from dermal_fn.serving import memory
+
+done = memory.tune_allocator(environ=json.loads(sys.argv[2])) if sys.argv[1] == "tuned" else {}
+libc = ctypes.CDLL(None)
+names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in names]
+libc.mallinfo2.restype = Mallinfo2
+first = bytearray(4 << 20)  # mmapped; once freed, glibc's own threshold rises to its size
+del first
+before = libc.mallinfo2().hblks
+second = bytearray(2 << 20)  # an mmapped chunk of its own only under a fixed threshold below it
+mapped = libc.mallinfo2().hblks - before
+blocks = []
+def allocate():
+    blocks.append(bytearray(100_000))
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+libc.fclose.argtypes = (ctypes.c_void_p,)
+path = os.path.join(tempfile.mkdtemp(), "info.xml")
+handle = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, handle)
+libc.fclose(handle)
+heaps = open(path).read().count("<heap nr=")
+print(json.dumps({"done": done, "mapped": mapped, "heaps": heaps}))
+"""
+
+
+def _probe(mode: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_PROBE, mode, json.dumps(environ or {})],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tuned_allocator_maps_large_buffers_and_keeps_one_arena() -> None:
+    default, tuned = _probe("default"), _probe("tuned")
+    assert default["mapped"] == 0 and default["heaps"] > 1  # glibc's own behaviour, the oracle
+    assert tuned["done"] == {"MALLOC_ARENA_MAX": 1, "MALLOC_MMAP_THRESHOLD_": memory.MIB}
+    assert tuned["mapped"] == 1 and tuned["heaps"] == 1
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_an_operators_glibc_variables_win() -> None:
+    tuned = _probe("tuned", {"MALLOC_ARENA_MAX": "4", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert tuned["done"] == {}
+    assert tuned["heaps"] > 1 and tuned["mapped"] == 0
+
+
+def test_the_service_tunes_its_process() -> None:
+    service = Service(Settings())
+    if platform.libc_ver()[0] == "glibc":
+        assert set(service.allocator) <= set(memory.GLIBC_TUNABLES)
+    else:
+        assert service.allocator == {}

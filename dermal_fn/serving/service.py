@@ -373,6 +373,7 @@ class Service:
         self.settings = settings
         self.pid = os.getpid()
         memory.disable_core_dumps()  # this process will hold photos: a crash must not write them out
+        self.allocator = memory.tune_allocator()  # before the model and the first photo
         self.holder = ModelHolder(settings)
         self.gate = InferenceGate(
             concurrency=1, max_queue=settings.max_queue, timeout_s=settings.queue_timeout_s
