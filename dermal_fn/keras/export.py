@@ -103,7 +103,7 @@ class Verification:
     # intact, need not run it on a zero image again at load (dermal_fn.core.engine.LiteRTEngine)
     runtime: str = ""
 
-    def as_json(self) -> dict[str, float | int]:
+    def as_json(self) -> dict[str, float | int | str]:
         """Plain data for the manifest."""
         return {k: (round(v, 9) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 

@@ -62,16 +62,13 @@ def tune_allocator(
     environment is left as the operator set it.
     """
     import ctypes
-    import ctypes.util
 
     env = os.environ if environ is None else environ
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
+    if not glibc():
         return {}
-    if mallopt is None:
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library Python itself runs on
+    except (OSError, AttributeError):
         return {}
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
@@ -83,6 +80,15 @@ def tune_allocator(
         if mallopt(param, wanted[param]) == 1:  # mallopt returns 1 on success
             done[variable] = wanted[param]
     return done
+
+
+def glibc() -> bool:
+    """True when this process runs on glibc (``os.confstr``: no file read, no subprocess)."""
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return version is not None and version.startswith("glibc")
 
 
 def rss_mb() -> float:
