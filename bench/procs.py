@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,19 @@ def pss_mb(pid: int) -> float | None:
         if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024 / 1e6
     return None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system, all threads) the processes have used so far, from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def tree_pids(pid: int) -> list[int]:

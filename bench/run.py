@@ -35,7 +35,7 @@ from bench import cgroup as cgroups
 from bench import images, models, report
 from bench.load import run_load
 from bench.plot import rss_plot
-from bench.procs import TreeMemory
+from bench.procs import TreeMemory, cpu_seconds, tree_pids
 from bench.server import REPO, Server, ServerFailed
 from dermal_fn.serving.memory import available_cpus
 
@@ -123,6 +123,7 @@ def measure(config: Config, photos: Photos, args: argparse.Namespace, out: Path)
     memory = TreeMemory(server.pid, started=server.spawned_at).start()
     try:
         cold = [server.wait_first_200(photos.small)]
+        cold_cpu = [cpu_seconds(tree_pids(server.pid))]
         memory.mark("first 200")
         statuses = _post_sequential(server, photos.small, count=3)
         small_peak = memory.peak_mb()
@@ -167,7 +168,9 @@ def measure(config: Config, photos: Photos, args: argparse.Namespace, out: Path)
     for _ in range(repeats - 1):
         with Server(model_uri=config.model, log_path=logs / f"{slug}.cold.log", without=UNLIMITED) as again:
             cold.append(again.wait_first_200(photos.small))
+            cold_cpu.append(cpu_seconds(tree_pids(again.pid)))
     result["cold_start_s"] = {"median": _median(cold), "runs": [round(c, 3) for c in cold]}
+    result["cold_start_cpu_s"] = {"median": _median(cold_cpu), "runs": [round(c, 3) for c in cold_cpu]}
     result["rss_series"] = [(round(t, 2), round(mb, 1)) for t, mb in memory.samples]
     result["marks"] = [(round(t, 2), label) for t, label in memory.marks]
     if config.backend == "litert":

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench.procs import cpu_seconds
 from dermal_fn.serving.config import environment_variables
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -294,15 +295,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) spent so far by the server's processes, from /proc/<pid>/stat."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / ticks
+        return cpu_seconds(self.pids())
 
     def rss_mb(self) -> float:
         """Current RSS summed over the server's processes, in MiB."""

@@ -114,3 +114,17 @@ def test_idle_rss_guard_compares_with_the_committed_figure() -> None:
     assert idle_rss_guard(committed * (1 + baseline["tolerance"]) + 0.1, baseline)["verdict"] == "regressed"
     # functions-framework 3.5 -> 3.6 (#323): ~125 -> 200+ MB would be caught
     assert idle_rss_guard(committed + 100, baseline)["verdict"] == "regressed"
+
+
+def test_restart_cpu_guard_catches_an_import_like_ml_dtypes_0_7() -> None:
+    """A worker restart's cold start in CPU-seconds against the committed figure."""
+    from bench.coldstart import BASELINE, restart_cpu_guard
+
+    baseline = json.loads(BASELINE.read_text())
+    committed = float(baseline["restart_cpu_s"])
+    assert 0.2 < committed < 3.0
+    assert restart_cpu_guard(committed, baseline)["verdict"] == "ok"
+    limit = committed * (1 + baseline["restart_cpu_tolerance"])
+    assert restart_cpu_guard(limit + 0.01, baseline)["verdict"] == "regressed"
+    # ml-dtypes 0.7.0's import added 0.7 CPU-s to every start
+    assert restart_cpu_guard(committed + 0.7, baseline)["verdict"] == "regressed"
