@@ -40,8 +40,8 @@ def disable_core_dumps() -> bool:
 # (a 2 MB upload, decode and model-input arrays): one arena instead of one per thread, and a fixed
 # mmap threshold, so a buffer above it goes back to the system when freed (glibc's default threshold
 # rises to the largest buffer freed so far, after which such buffers stay in the heap). Measured on
-# EfficientNetV2-S @384 int8-dynamic, 4 clients x 12 MP: peak RSS (master + worker VmHWM) 213 -> 196 MB,
-# RSS afterwards 194 -> 180 MB (docs/benchmark.md).
+# EfficientNetV2-S @384, 4 clients x 12 MP: peak RSS (master + worker VmHWM) int8-dynamic 217 -> 197-200 MB,
+# fp32 273 -> 253 MB (docs/benchmark.md, python -m bench.peak).
 M_ARENA_MAX = -8
 M_MMAP_THRESHOLD = -3
 MALLOC_ARENA_MAX = 1
