@@ -61,10 +61,10 @@ def one_run(
     ``cache``: a model cache folder kept from an earlier run (a worker restart in the same
     container); None is a new container: empty model cache, empty temp dir.
     """
-    env = {key: value for key, value in render_env().items() if key != "PYTHON_VERSION"} | {
-        "MODEL_CACHE_DIR": cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
-        "TMPDIR": tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
-    }
+    env = server_env(
+        MODEL_CACHE_DIR=cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
+        TMPDIR=tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
+    )
     if source == "gcs":
         bucket = gcs.create_bucket()
         gcs.upload(bucket, "models/model.dermal", model.read_bytes())
@@ -75,14 +75,7 @@ def one_run(
     with server:
         server.wait_ready(path="/memory", timeout_s=120)
         idle_rss = server.rss_mb()
-        status = 0
-        while status != 200:
-            status, body = server.post_image("/predict", SMALL_PHOTO, timeout_s=300)
-            if status != 200 and status != 503:
-                raise RuntimeError(f"expected 200 from /predict, found {status}: {body}")
-        assert server.started_at is not None
-        cold_s = time.monotonic() - server.started_at
-        cold_cpu_s = server.cpu_seconds()
+        cold_s, cold_cpu_s = first_answer(server)
         loaded_rss = server.rss_mb()
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda _: server.post_image("/predict", LARGE_PHOTO)[0], range(8)))
@@ -99,6 +92,22 @@ def one_run(
         }
 
 
+def first_answer(server: ServerProcess) -> tuple[float, float]:
+    """POST the small photo until the first 200 (503 while loading is fine): (seconds, CPU-seconds) since spawn."""
+    status = 0
+    while status != 200:
+        status, body = server.post_image("/predict", SMALL_PHOTO, timeout_s=300)
+        if status != 200 and status != 503:
+            raise RuntimeError(f"expected 200 from /predict, found {status}: {body!r}")
+    assert server.started_at is not None
+    return time.monotonic() - server.started_at, server.cpu_seconds()
+
+
+def server_env(**values: str) -> dict[str, str]:
+    """render.yaml's environment (as the platform gives it) with ``values`` on top."""
+    return {key: value for key, value in render_env().items() if key != "PYTHON_VERSION"} | values
+
+
 def render_free_run(
     model: Path, workdir: Path, *, cpus: float = RENDER_FREE_CPUS, cache: str | None = None
 ) -> dict[str, float]:
@@ -109,11 +118,11 @@ def render_free_run(
     """
     from bench import cgroup as cgroups
 
-    env = {key: value for key, value in render_env().items() if key != "PYTHON_VERSION"} | {
-        "MODEL_CACHE_DIR": cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
-        "TMPDIR": tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
-        "MODEL_URI": str(model),
-    }
+    env = server_env(
+        MODEL_CACHE_DIR=cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
+        TMPDIR=tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
+        MODEL_URI=str(model),
+    )
     group = cgroups.create(cgroups.unique_name(), limit_bytes=512 * 2**20, cpus=cpus)
     try:
         server = ServerProcess(
@@ -121,14 +130,7 @@ def render_free_run(
         )
         with server:
             server.wait_ready(path="/memory", timeout_s=300)
-            status = 0
-            while status != 200:
-                status, body = server.post_image("/predict", SMALL_PHOTO, timeout_s=300)
-                if status != 200 and status != 503:
-                    raise RuntimeError(f"expected 200 from /predict, found {status}: {body}")
-            assert server.started_at is not None
-            cold_s = time.monotonic() - server.started_at
-            cold_cpu_s = server.cpu_seconds()
+            cold_s, cold_cpu_s = first_answer(server)
             latencies = []
             for _ in range(3):
                 t0 = time.monotonic()

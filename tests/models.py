@@ -14,9 +14,12 @@ serves a bundle runs without TensorFlow. ``python -m tests.models`` rebuilds the
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import sys
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,32 @@ def build(spec: TinySpec, folder: Path) -> TinyModel:
     bundle_path = folder / f"{spec.stem}.dermal"
     export_keras(keras_path, bundle_path, labels=spec.labels, name=spec.name)
     return TinyModel(keras_path, bundle_path, spec.labels, spec.size, spec.name)
+
+
+def rewrite_bundle(
+    source: Path,
+    target: Path,
+    *,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    flip: Sequence[int] = (),
+) -> Path:
+    """``source`` rewritten to ``target``: its manifest changed by ``edit`` (in place), the backbone
+    bytes at ``flip`` inverted. Nothing is recomputed (the CRC stays as ``edit`` leaves it)."""
+    data = source.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        head = z.read("head.npz")
+    backbone = bytearray(data[: manifest["backbone_bytes"]])
+    for index in flip:
+        backbone[index] ^= 0xFF
+    if edit is not None:
+        edit(manifest)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        z.writestr("head.npz", head)
+    target.write_bytes(bytes(backbone) + archive.getvalue())
+    return target
 
 
 def main(argv: Sequence[str] | None = None) -> int:

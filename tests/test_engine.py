@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +21,7 @@ from dermal_fn.errors import BundleError
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.options import PredictOptions
 from tests.conftest import TinyModel
+from tests.models import rewrite_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,25 +153,16 @@ def rewritten(
 ) -> Path:
     """``source`` with ``verification.runtime`` set (None: no verification record), its CRC kept or
     dropped, and the backbone bytes at ``flip`` inverted (the manifest's CRC left as it was)."""
-    data = source.read_bytes()
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        manifest = json.loads(z.read("manifest.json"))
-        head = z.read("head.npz")
-    backbone = bytearray(data[: manifest["backbone_bytes"]])
-    for index in flip:
-        backbone[index] ^= 0xFF
-    if runtime is None:
-        manifest.pop("verification", None)
-    else:
-        manifest["verification"] = {**manifest.get("verification", {}), "runtime": runtime}
-    if not crc:
-        manifest.pop("backbone_crc32")
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("manifest.json", json.dumps(manifest))
-        z.writestr("head.npz", head)
-    target.write_bytes(bytes(backbone) + archive.getvalue())
-    return target
+
+    def edit(manifest: dict[str, Any]) -> None:
+        if runtime is None:
+            manifest.pop("verification", None)
+        else:
+            manifest["verification"] = {**manifest.get("verification", {}), "runtime": runtime}
+        if not crc:
+            manifest.pop("backbone_crc32")
+
+    return rewrite_bundle(source, target, edit=edit, flip=flip)
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import socket
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import pytest
 
 from tests import hostile_fixtures as hf
 from tests.http_fixtures import HOST, ServerProcess
+from tests.models import rewrite_bundle
 
 StartServer = Callable[..., ServerProcess]
 JPEG = hf.jpeg(size=160, seed=4)
@@ -184,24 +183,15 @@ CRASHING_FLIPS = (1997, 307, 1660, 1128, 933, 202, 180, 671)
 
 def damaged_bundle(source: Path, target: Path, *, keep_crc: bool) -> Path:
     """``source`` with the CRASHING_FLIPS bytes flipped; without its CRC (as an older bundle) unless ``keep_crc``."""
-    data = bytearray(source.read_bytes())
-    with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
-        manifest = json.loads(z.read("manifest.json"))
-        head = z.read("head.npz")
-    backbone = data[: manifest["backbone_bytes"]]
-    for index in CRASHING_FLIPS:
-        backbone[index] ^= 0xFF
-    assert "backbone_crc32" in manifest, (
-        "the committed bundles record their backbone's CRC (make test-models)"
-    )
-    if not keep_crc:
-        manifest.pop("backbone_crc32")
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("manifest.json", json.dumps(manifest))
-        z.writestr("head.npz", head)
-    target.write_bytes(bytes(backbone) + archive.getvalue())
-    return target
+
+    def edit(manifest: dict[str, Any]) -> None:
+        assert "backbone_crc32" in manifest, (
+            "the committed bundles record their backbone's CRC (make test-models)"
+        )
+        if not keep_crc:
+            manifest.pop("backbone_crc32")
+
+    return rewrite_bundle(source, target, edit=edit, flip=CRASHING_FLIPS)
 
 
 def test_a_damaged_backbone_is_refused_by_its_crc(
