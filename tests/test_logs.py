@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from dermal_fn.core.engine import litert_runtime
 from dermal_fn.serving.logs import JsonFormatter, native_output_as_json
 from tests.http_fixtures import ServerProcess, jpeg_bytes
+from tests.models import rewrite_bundle
 
 NATIVE = (
     "INFO: [environment.cc:36] Creating LiteRT environment with options\n"
@@ -54,10 +56,24 @@ def test_formatter_writes_one_json_object_per_record() -> None:
     assert "\n" not in line and json.loads(line)["severity"] == "WARNING"
 
 
+@pytest.mark.parametrize("load_check", ["zero-image inference", "exporter", "earlier load"])
 def test_a_real_server_writes_only_json_lines(
-    server_factory: Callable[..., ServerProcess], test_bundle: Path
+    server_factory: Callable[..., ServerProcess], test_bundle: Path, tmp_path: Path, load_check: str
 ) -> None:
-    server = server_factory({"MODEL_URI": str(test_bundle)}, wait="/health")
+    """On each way a bundle can load: LiteRT's lines at the load, the first request and exit are JSON."""
+    bundle = test_bundle
+    if load_check == "exporter":  # the exporter verified these bytes on this runtime
+        bundle = rewrite_bundle(
+            test_bundle,
+            tmp_path / "verified.dermal",
+            edit=lambda m: m.update(verification={**m.get("verification", {}), "runtime": litert_runtime()}),
+        )
+    env = {"MODEL_URI": str(bundle), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    if load_check == "earlier load":  # the same bytes loaded in this cache before: a worker restart
+        first = server_factory(env, wait="/health")
+        assert first.post_image("/predict", jpeg_bytes())[0] == 200
+        first.stop()
+    server = server_factory(env, wait="/health")
     assert server.post_image("/predict", jpeg_bytes())[0] == 200
     assert server.get_json("/health")[1]["model_state"] == "loaded"
     server.stop()
@@ -66,3 +82,5 @@ def test_a_real_server_writes_only_json_lines(
         line for line in lines if not line.startswith("{")
     ][:5]
     assert all("severity" in json.loads(line) for line in lines)
+    (loaded,) = [json.loads(line) for line in lines if json.loads(line).get("message") == "model loaded"]
+    assert loaded["load_check"] == load_check

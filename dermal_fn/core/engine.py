@@ -230,6 +230,9 @@ class LiteRTEngine(Engine):
             )
         self._output_shape = tuple(int(d) for d in out["shape"])
         self._output_size = int(np.prod(self._output_shape))
+        # LiteRT makes one more environment (and prints its native lines) on a buffer's first write:
+        # here, inside the load, where the caller captures native output, not in the first request
+        self._inputs[0].write(np.zeros((1, h, w, 3), dtype=np.float32))
         if self.load_check == "zero-image inference":
             self._smoke_test(h, w)
         if weight_cache_dir is not None and self.weight_cache is not None:
