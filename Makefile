@@ -78,12 +78,12 @@ browser:
 demo-model: $(DEV_STAMP)
 	$(PY) -m dermal_fn.tools.build_demo
 
-## the full benchmark beside TensorFlow and inside a 512 MiB cgroup (~20 min; docs/benchmark.md, docs/trust.md)
+## the full benchmark beside TensorFlow and inside a 512 MiB cgroup, cold starts also at Render free's 0.1 CPU (~25 min; docs/benchmark.md, docs/trust.md)
 bench: $(DEV_STAMP)
 	$(PY) -m bench.run --plot docs/benchmark-rss.png
 	$(PY) -m bench.hostile --json bench/out/hostile.json
 	$(PY) -m bench.trust_cost
-	$(PY) -m bench.coldstart --model bench/out/effnetv2s_384_none.dermal --runs 3 --sources local --restart --guard
+	$(PY) -m bench.coldstart --model bench/out/effnetv2s_384_none.dermal --runs 3 --sources local --restart --render-free --guard
 
 ## the same in seconds, on a tiny model
 bench-smoke: $(DEV_STAMP)
