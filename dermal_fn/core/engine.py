@@ -100,6 +100,7 @@ class Engine:
     info: ModelInfo
     head: Head
     calibration: Calibration | None = None
+    load_check: LoadCheck | None = None  # how a bundle was known to run (None: not a bundle)
 
     def feature_map(self, pixels: np.ndarray) -> np.ndarray:
         """The Grad-CAM layer's output for one preprocessed input: (1, h, w, c)."""
@@ -185,7 +186,7 @@ class LiteRTEngine(Engine):
         """``known_good``: these bytes loaded and ran on this runtime before; skips the CRC-32 read and the check inference."""
         loaded = bundle_format.read(path)
         manifest = loaded.manifest
-        self.load_check: LoadCheck = "earlier load"
+        self.load_check = "earlier load"
         if not known_good:
             bundle_format.verify_backbone(path, manifest)
             self.load_check = "exporter" if exporter_verified_here(manifest) else "zero-image inference"

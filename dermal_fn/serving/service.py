@@ -187,7 +187,7 @@ class ModelHolder:
                     "backend": engine.info.backend,
                     "threads": settings.litert_threads,
                     "load_seconds": round(self.load_seconds, 3),
-                    "load_check": getattr(engine, "load_check", None),
+                    "load_check": engine.load_check,
                     **self.fetch_info,
                 }
             },
