@@ -145,6 +145,23 @@ def rewrite_bundle(
     return target
 
 
+def with_runtime_record(
+    source: Path, target: Path, *, runtime: str | None, crc: bool = True, flip: Sequence[int] = ()
+) -> Path:
+    """``source`` with ``verification.runtime`` set (None: no verification record), its CRC kept or
+    dropped, and the backbone bytes at ``flip`` inverted (the manifest's CRC left as it was)."""
+
+    def edit(manifest: dict[str, Any]) -> None:
+        if runtime is None:
+            manifest.pop("verification", None)
+        else:
+            manifest["verification"] = {**manifest.get("verification", {}), "runtime": runtime}
+        if not crc:
+            manifest.pop("backbone_crc32")
+
+    return rewrite_bundle(source, target, edit=edit, flip=flip)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Rebuild the committed test models in ``tests/data``."""
     parser = argparse.ArgumentParser(

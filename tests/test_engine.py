@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from dermal_fn.errors import BundleError
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.options import PredictOptions
 from tests.conftest import TinyModel
-from tests.models import rewrite_bundle
+from tests.models import with_runtime_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,23 +147,6 @@ def test_decode_then_model_input_shape(tiny_model: TinyModel) -> None:
 # --- the load check: a zero-image inference unless these bytes are proven to run here ----------------
 
 
-def rewritten(
-    source: Path, target: Path, *, runtime: str | None, crc: bool = True, flip: tuple[int, ...] = ()
-) -> Path:
-    """``source`` with ``verification.runtime`` set (None: no verification record), its CRC kept or
-    dropped, and the backbone bytes at ``flip`` inverted (the manifest's CRC left as it was)."""
-
-    def edit(manifest: dict[str, Any]) -> None:
-        if runtime is None:
-            manifest.pop("verification", None)
-        else:
-            manifest["verification"] = {**manifest.get("verification", {}), "runtime": runtime}
-        if not crc:
-            manifest.pop("backbone_crc32")
-
-    return rewrite_bundle(source, target, edit=edit, flip=flip)
-
-
 @pytest.mark.parametrize(
     ("runtime", "crc", "expected"),
     [
@@ -178,7 +160,7 @@ def test_check_inference_is_skipped_only_for_bytes_proven_to_run_here(
     tiny_model: TinyModel, tmp_path: Path, runtime: str | None, crc: bool, expected: str
 ) -> None:
     claimed = litert_runtime() if runtime == "this" else runtime
-    path = rewritten(tiny_model.bundle_path, tmp_path / "b.dermal", runtime=claimed, crc=crc)
+    path = with_runtime_record(tiny_model.bundle_path, tmp_path / "b.dermal", runtime=claimed, crc=crc)
     engine = LiteRTEngine(path, sha256="x")
     assert engine.load_check == expected
     reference = LiteRTEngine(tiny_model.bundle_path, sha256="x")
@@ -190,7 +172,7 @@ def test_check_inference_is_skipped_only_for_bytes_proven_to_run_here(
 
 
 def test_a_runtime_claim_never_skips_the_crc(tiny_model: TinyModel, tmp_path: Path) -> None:
-    path = rewritten(tiny_model.bundle_path, tmp_path / "b.dermal", runtime=litert_runtime(), flip=(500, 501))
+    path = with_runtime_record(tiny_model.bundle_path, tmp_path / "b.dermal", runtime=litert_runtime(), flip=(500, 501))
     with pytest.raises(BundleError, match="CRC-32"):
         LiteRTEngine(path, sha256="x")
 

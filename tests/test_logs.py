@@ -13,7 +13,7 @@ import pytest
 from dermal_fn.core.engine import litert_runtime
 from dermal_fn.serving.logs import JsonFormatter, native_output_as_json
 from tests.http_fixtures import ServerProcess, jpeg_bytes
-from tests.models import rewrite_bundle
+from tests.models import with_runtime_record
 
 NATIVE = (
     "INFO: [environment.cc:36] Creating LiteRT environment with options\n"
@@ -63,11 +63,7 @@ def test_a_real_server_writes_only_json_lines(
     """On each way a bundle can load: LiteRT's lines at the load, the first request and exit are JSON."""
     bundle = test_bundle
     if load_check == "exporter":  # the exporter verified these bytes on this runtime
-        bundle = rewrite_bundle(
-            test_bundle,
-            tmp_path / "verified.dermal",
-            edit=lambda m: m.update(verification={**m.get("verification", {}), "runtime": litert_runtime()}),
-        )
+        bundle = with_runtime_record(test_bundle, tmp_path / "verified.dermal", runtime=litert_runtime())
     env = {"MODEL_URI": str(bundle), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
     if load_check == "earlier load":  # the same bytes loaded in this cache before: a worker restart
         first = server_factory(env, wait="/health")
