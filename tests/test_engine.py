@@ -172,7 +172,9 @@ def test_check_inference_is_skipped_only_for_bytes_proven_to_run_here(
 
 
 def test_a_runtime_claim_never_skips_the_crc(tiny_model: TinyModel, tmp_path: Path) -> None:
-    path = with_runtime_record(tiny_model.bundle_path, tmp_path / "b.dermal", runtime=litert_runtime(), flip=(500, 501))
+    path = with_runtime_record(
+        tiny_model.bundle_path, tmp_path / "b.dermal", runtime=litert_runtime(), flip=(500, 501)
+    )
     with pytest.raises(BundleError, match="CRC-32"):
         LiteRTEngine(path, sha256="x")
 
