@@ -19,6 +19,7 @@ NATIVE = (
     "INFO: [environment.cc:36] Creating LiteRT environment with options\n"
     "WARNING: [compiler_plugin.cc:312] Failed to load plugin at: /x/libLiteRtCompilerPlugin_IntelOpenvino.so with error: ERROR: [a.cc:1]\n"
     "\u2514 Could not load shared library libopenvino.so.2631: cannot open shared object file\n"
+    "WARNING: [npu_registry.cc:34] NPU accelerator could not be loaded and registered: kLiteRtStatusErrorNotFound.\n"
     "WARNING: [model.cc:9] something the operator should see\n"
     "ERROR: [model.cc:10] and something worse\n"
 )
@@ -35,6 +36,10 @@ def test_native_lines_become_records_with_their_severity(caplog: pytest.LogCaptu
             "DEBUG",  # a vendor plugin that is not installed: expected, not a warning
             "[compiler_plugin.cc:312] Failed to load plugin at: /x/libLiteRtCompilerPlugin_IntelOpenvino.so with "
             "error: ERROR: [a.cc:1] Could not load shared library libopenvino.so.2631: cannot open shared object file",
+        ),
+        (
+            "DEBUG",
+            "[npu_registry.cc:34] NPU accelerator could not be loaded and registered: kLiteRtStatusErrorNotFound.",
         ),
         ("WARNING", "[model.cc:9] something the operator should see"),
         ("ERROR", "[model.cc:10] and something worse"),
@@ -78,5 +83,8 @@ def test_a_real_server_writes_only_json_lines(
         line for line in lines if not line.startswith("{")
     ][:5]
     assert all("severity" in json.loads(line) for line in lines)
+    # a healthy start and a good request: nothing that looks like a problem to whoever reads the log
+    alarming = [json.loads(line) for line in lines if json.loads(line)["severity"] not in ("DEBUG", "INFO")]
+    assert alarming == [], alarming
     (loaded,) = [json.loads(line) for line in lines if json.loads(line).get("message") == "model loaded"]
     assert loaded["load_check"] == load_check

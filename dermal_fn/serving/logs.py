@@ -59,7 +59,13 @@ def setup_logging(level: int = logging.INFO, *, stream: Any = None) -> None:
 
 _NATIVE = re.compile(r"^(INFO|WARNING|ERROR|FATAL|VERBOSE|DEBUG):\s*(.*)$")
 # expected on every machine without the vendor's runtime: said at DEBUG, not as a warning each cold start
-_BENIGN = ("Failed to load plugin", "Could not load shared library", "cannot open shared object file")
+_BENIGN = (
+    "Failed to load plugin",
+    "Could not load shared library",
+    "cannot open shared object file",
+    # a machine without an NPU (every server): LiteRT says so at WARNING, twice, on each cold start
+    "accelerator could not be loaded and registered: kLiteRtStatusErrorNotFound",
+)
 _NATIVE_LEVELS = {
     "VERBOSE": logging.DEBUG,
     "DEBUG": logging.DEBUG,
