@@ -15,6 +15,10 @@ requests with a 1600x1200 photo, and reads RSS and VmHWM summed over the server'
 ``--render-free`` adds the same start inside a real cgroup of 512 MiB and 0.1 CPU (Render's free
 plan): wall and CPU-seconds to the first 200, and the next requests' time there.
 
+``--warmed`` adds new containers of a warmed build, as render.yaml deploys one: the warm command
+(``python -m dermal_fn.serving.warm``) loads the model once into a build folder; each run starts from
+a fresh copy of that folder, model file and cache (a deploy copies the build: new inodes and times).
+
 The model defaults to the bundled demo model, else a tiny seeded one built on the spot.
 
 The idle RSS is a regression guard: each source's median is compared with the committed figure in
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,24 +59,35 @@ def default_model(workdir: Path) -> Path:
     return committed(TINY).bundle_path
 
 
+def model_env(model: Path, source: str, gcs: Any) -> dict[str, str]:
+    """MODEL_URI (and the emulator) for ``source``: the file itself, or a new bucket holding it."""
+    if source == "gcs":
+        bucket = gcs.create_bucket()
+        gcs.upload(bucket, "models/model.dermal", model.read_bytes())
+        return {"MODEL_URI": f"gs://{bucket}/models/model.dermal", "STORAGE_EMULATOR_HOST": gcs.url}
+    return {"MODEL_URI": str(model)}
+
+
 def one_run(
-    model: Path, source: str, workdir: Path, gcs: Any, *, cache: str | None = None
+    model: Path,
+    source: str,
+    workdir: Path,
+    gcs: Any,
+    *,
+    cache: str | None = None,
+    uri: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Start a server, time its cold start (wall and CPU), measure its memory, stop it.
 
     ``cache``: a model cache folder kept from an earlier run (a worker restart in the same
-    container); None is a new container: empty model cache, empty temp dir.
+    container) or copied from a warmed build; None is a new container: empty model cache, empty
+    temp dir. ``uri``: the model's variables (default: :func:`model_env`).
     """
     env = server_env(
         MODEL_CACHE_DIR=cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
         TMPDIR=tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
     )
-    if source == "gcs":
-        bucket = gcs.create_bucket()
-        gcs.upload(bucket, "models/model.dermal", model.read_bytes())
-        env |= {"MODEL_URI": f"gs://{bucket}/models/model.dermal", "STORAGE_EMULATOR_HOST": gcs.url}
-    else:
-        env["MODEL_URI"] = str(model)
+    env |= uri if uri is not None else model_env(model, source, gcs)
     server = ServerProcess(env, log_path=workdir / f"server-{source}-{time.monotonic_ns()}.log")
     with server:
         server.wait_ready(path="/memory", timeout_s=120)
@@ -108,8 +125,52 @@ def server_env(**values: str) -> dict[str, str]:
     return {key: value for key, value in render_env().items() if key != "PYTHON_VERSION"} | values
 
 
+class WarmedBuild:
+    """A build folder warmed once by ``python -m dermal_fn.serving.warm``; ``deploy()`` copies it for a run.
+
+    The folder holds the model file (for ``local``; a ``gs://`` model lives in the bucket) and the
+    cache, as a project folder on Render does after its build command.
+    """
+
+    def __init__(self, model: Path, source: str, workdir: Path, gcs: Any) -> None:
+        import subprocess
+
+        self.source = source
+        self.workdir = workdir
+        self.build = Path(tempfile.mkdtemp(dir=workdir, prefix="build-"))
+        self.uri = model_env(model, source, gcs)
+        if source == "local":
+            shutil.copyfile(model, self.build / "model.dermal")
+            self.uri = {"MODEL_URI": str(self.build / "model.dermal")}
+        env = server_env(MODEL_CACHE_DIR=str(self.build / ".model-cache"), TMPDIR=str(self.build)) | self.uri
+        done = subprocess.run(
+            [sys.executable, "-m", "dermal_fn.serving.warm"],
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"expected the warm command to load the model, found:\n{done.stderr[-4000:]}")
+
+    def deploy(self) -> tuple[str, dict[str, str]]:
+        """A fresh copy of the build (new inodes and ctimes): its cache folder and the model's variables."""
+        container = Path(tempfile.mkdtemp(dir=self.workdir, prefix="container-"))
+        shutil.copytree(self.build, container, dirs_exist_ok=True)
+        uri = dict(self.uri)
+        if self.source == "local":
+            uri["MODEL_URI"] = str(container / "model.dermal")
+        return str(container / ".model-cache"), uri
+
+
 def render_free_run(
-    model: Path, workdir: Path, *, cpus: float = RENDER_FREE_CPUS, cache: str | None = None
+    model: Path,
+    workdir: Path,
+    *,
+    cpus: float = RENDER_FREE_CPUS,
+    cache: str | None = None,
+    uri: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """A cold start inside a real cgroup of 512 MiB and ``cpus`` CPUs (Render's free plan: 0.1).
 
@@ -121,8 +182,7 @@ def render_free_run(
     env = server_env(
         MODEL_CACHE_DIR=cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
         TMPDIR=tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
-        MODEL_URI=str(model),
-    )
+    ) | (uri or {"MODEL_URI": str(model)})
     group = cgroups.create(cgroups.unique_name(), limit_bytes=512 * 2**20, cpus=cpus)
     try:
         server = ServerProcess(
@@ -147,6 +207,11 @@ def render_free_run(
         "request_s": statistics.median(latencies),
         "oom_kills": float(oom),
     }
+
+
+def _deployed(build: WarmedBuild) -> dict[str, Any]:
+    cache, uri = build.deploy()
+    return {"cache": cache, "uri": uri}
 
 
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -195,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also start inside a 512 MiB, {RENDER_FREE_CPUS:g}-CPU cgroup (Render's free plan), local model",
     )
+    parser.add_argument(
+        "--warmed",
+        action="store_true",
+        help="also new containers of a build warmed by `python -m dermal_fn.serving.warm` (render.yaml's build)",
+    )
     args = parser.parse_args(argv)
 
     from tests.gcs_emulator import FakeGCS
@@ -212,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
                 report[f"{source}_restart"] = _medians(
                     [one_run(model, source, workdir, gcs, cache=kept) for _ in range(args.runs)]
                 )
+            if args.warmed:
+                build = WarmedBuild(model, source, workdir, gcs)
+                report[f"{source}_warmed"] = _medians(
+                    [one_run(model, source, workdir, gcs, **_deployed(build)) for _ in range(args.runs)]
+                )
         if args.render_free:
             from bench.cgroup import CgroupUnavailable
 
@@ -222,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                     render_free_run(model, workdir, cache=kept)
                     report["render_free_restart"] = _medians(
                         [render_free_run(model, workdir, cache=kept) for _ in range(args.runs)]
+                    )
+                if args.warmed:
+                    build = WarmedBuild(model, "local", workdir, gcs)
+                    report["render_free_warmed"] = _medians(
+                        [render_free_run(model, workdir, **_deployed(build)) for _ in range(args.runs)]
                     )
             except CgroupUnavailable as exc:  # said in the report; the other figures stand
                 report["render_free"] = {"error": f"no cgroup: {exc}"}

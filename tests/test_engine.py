@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ from PIL import Image
 
 from dermal_fn.core import bundle as bundle_format
 from dermal_fn.core import imaging
-from dermal_fn.core.engine import LiteRTEngine, litert_runtime
+from dermal_fn.core.engine import LiteRTEngine, cpu_identity, litert_runtime, xnnpack_weight_cache_path
 from dermal_fn.errors import BundleError
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.options import PredictOptions
@@ -218,3 +220,53 @@ def test_a_request_imports_nothing_lazily_that_costs_a_cold_start(tiny_model: Ti
     assert out.returncode == 0, out.stderr[-2000:]
     late = json.loads(out.stdout.strip().splitlines()[-1])
     assert "numpy.ma" not in late, f"modules the first request imported: {late}"
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+cpu MHz\t\t: {mhz}
+core id\t\t: 0
+flags\t\t: fpu sse sse2 avx avx2 {extra}
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+flags\t\t: something else entirely
+"""
+
+
+def test_cpu_identity_follows_the_instruction_sets_not_the_clock(tmp_path: Path) -> None:
+    def identity(**fields: str) -> str:
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(CPUINFO.format(**fields))
+        return cpu_identity(str(path))
+
+    base = identity(mhz="2445.404", extra="fma")
+    assert identity(mhz="3100.000", extra="fma") == base  # the clock, core ids, later processors: not kernels
+    assert identity(mhz="2445.404", extra="fma avx512f avx512vnni") != base  # other kernels, other packing
+    assert cpu_identity(str(tmp_path / "missing")) != base  # no cpuinfo: the machine name alone
+    assert cpu_identity() == cpu_identity("/proc/cpuinfo")
+
+
+def test_the_weight_cache_is_found_again_after_the_model_is_copied(
+    tiny_model: TinyModel, tmp_path: Path
+) -> None:
+    """A deploy copies the build's files (new inodes, new times): the packed weights are still the same."""
+    build, deploy = tmp_path / "build", tmp_path / "deploy"
+    build.mkdir()
+    model = build / "m.dermal"
+    shutil.copyfile(tiny_model.bundle_path, model)
+    first = LiteRTEngine(model, sha256="ab" * 32, weight_cache_dir=build / "xnnpack")
+    assert first.weight_cache is not None and first.weight_cache.is_file()
+    first.close()
+    shutil.copytree(build, deploy)
+    os.utime(deploy / "m.dermal", (1, 1))
+    again = LiteRTEngine(deploy / "m.dermal", sha256="ab" * 32, weight_cache_dir=deploy / "xnnpack")
+    assert again.weight_cache == deploy / "xnnpack" / first.weight_cache.name
+    assert [p.name for p in (deploy / "xnnpack").iterdir()] == [first.weight_cache.name]  # not built again
+    pixels = np.random.default_rng(0).random((1, tiny_model.size, tiny_model.size, 3), dtype=np.float32)
+    reference = LiteRTEngine(tiny_model.bundle_path, sha256="ab" * 32)
+    np.testing.assert_allclose(again.feature_map(pixels), reference.feature_map(pixels), rtol=1e-5, atol=1e-6)
+    other = xnnpack_weight_cache_path(model, sha256="cd" * 32, folder=build / "xnnpack")
+    assert other != first.weight_cache  # other bytes, another cache

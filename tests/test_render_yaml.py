@@ -52,7 +52,9 @@ def test_web_service_on_the_free_plan(service: dict[str, Any]) -> None:
     assert service["type"] == "web"
     assert service["runtime"] == "python"
     assert service["plan"] == "free"
-    assert service["buildCommand"] == "pip install --require-hashes -r requirements.lock"
+    assert service["buildCommand"] == (
+        "pip install --require-hashes -r requirements.lock && python -m dermal_fn.serving.warm"
+    )
     assert service["healthCheckPath"] == "/health"
     assert (REPO_ROOT / "requirements.txt").is_file()
 
@@ -164,3 +166,10 @@ def test_each_lock_file_pins_what_its_requirements_file_asks_for(name: str) -> N
     assert {package: locked.get(package) for package in wanted} == wanted, "run `make lock`"
     entries = [chunk for chunk in lock_text.split("\n") if "==" in chunk and not chunk.startswith(" ")]
     assert entries and all(entry.rstrip().endswith("\\") for entry in entries)  # each has --hash lines
+
+
+def test_the_build_warms_a_cache_that_is_deployed(env_vars: dict[str, dict[str, Any]]) -> None:
+    """The warm step's cache must be inside the project folder: Render deploys that folder, not /tmp."""
+    cache = Path(env_vars["MODEL_CACHE_DIR"]["value"])
+    assert not cache.is_absolute() and ".." not in cache.parts
+    assert f"/{cache.parts[0]}/" in (REPO_ROOT / ".gitignore").read_text().splitlines()  # never committed

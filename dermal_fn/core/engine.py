@@ -295,20 +295,66 @@ WEIGHT_CACHES_KEPT = 3
 
 
 def xnnpack_weight_cache_path(path: str | Path, *, sha256: str, folder: Path) -> Path:
-    """Where XNNPACK keeps this bundle's packed weights: a file in ``folder``, per model and runtime.
+    """Where XNNPACK keeps this bundle's packed weights: a file in ``folder``, per model, runtime and CPU.
 
     With the cache the packed weights are a mapped file (shared, reclaimable page cache) instead of
     a private copy next to the mapped model: measured on EfficientNetV2-S @384 fp32, RSS after the
     first inference 173 MB instead of 240 MB, and a restart loads in 0.08 s instead of 0.5 s.
     ``folder`` should be private (the service puts it in its 0700 cache folder): a planted cache
     file would be mapped as weights.
+
+    The key is the model's content (SHA-256 and size), the runtime and the CPU (:func:`cpu_identity`),
+    not the file's inode or mtime: a cache built at deploy time (``python -m dermal_fn.serving.warm``)
+    is found again after the platform copies the build into the container. XNNPACK checks only its
+    own build identifier when it maps a cache, and its packed layouts depend on the microkernels it
+    picked for the CPU, so a cache built on another CPU is never used: it gets a key of its own.
     """
     import hashlib
 
-    stat = Path(path).stat()
-    key = f"{sha256}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{litert_version()}"
+    size = Path(path).stat().st_size
+    key = f"{sha256}|{size}|{litert_version()}|{cpu_identity()}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return folder / f"{digest}{WEIGHT_CACHE_SUFFIX}"
+
+
+# the /proc/cpuinfo fields that decide which kernels XNNPACK picks: the vendor, model and instruction
+# set extensions (x86), the implementer, part and features (Arm). Not the clock, cache sizes or core ids.
+_CPU_FIELDS = frozenset(
+    {
+        "vendor_id",
+        "cpu family",
+        "model",
+        "flags",
+        "CPU implementer",
+        "CPU architecture",
+        "CPU variant",
+        "CPU part",
+        "Features",
+    }
+)
+
+
+@functools.cache
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """A short digest of what this CPU can run, from the first processor in ``/proc/cpuinfo``
+    (the machine name alone where that file cannot be read)."""
+    import hashlib
+    import platform
+
+    fields = [platform.machine()]
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if not line.strip():
+                    if len(fields) > 1:
+                        break  # the first processor's block is enough
+                    continue
+                name, _, value = line.partition(":")
+                if name.strip() in _CPU_FIELDS:
+                    fields.append(f"{name.strip()}={' '.join(sorted(value.split()))}")
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join(fields).encode()).hexdigest()[:16]
 
 
 def prune_weight_caches(folder: Path, *, keep: Path, count: int = WEIGHT_CACHES_KEPT) -> list[str]:
