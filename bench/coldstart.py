@@ -278,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             report[source] = _medians(runs)
             if args.restart:
                 kept = tempfile.mkdtemp(dir=workdir, prefix="kept-cache-")
-                one_run(model, source, workdir, gcs, cache=kept)  # fills the cache
+                uri = model_env(model, source, gcs)  # one object: a restart finds its generation cached
+                one_run(model, source, workdir, gcs, cache=kept, uri=uri)  # fills the cache
                 report[f"{source}_restart"] = _medians(
-                    [one_run(model, source, workdir, gcs, cache=kept) for _ in range(args.runs)]
+                    [one_run(model, source, workdir, gcs, cache=kept, uri=uri) for _ in range(args.runs)]
                 )
             if args.warmed:
                 build = WarmedBuild(model, source, workdir, gcs)
