@@ -8,6 +8,7 @@ from pathlib import Path
 
 from model_fetch.cache import DIGEST_MEMO, default_cache_dir
 from model_fetch.digest import normalize_sha256
+from model_fetch.gcs_cache import pinned_cached_copy
 from model_fetch.local import fetch_local
 from model_fetch.result import FetchedModel
 from model_fetch.uri import LocalLocation, parse_model_uri
@@ -24,7 +25,8 @@ def fetch_model(
     """Resolve a local path, ``file://`` or ``gs://bucket/object`` URI to a verified local file.
 
     Local files are used in place; GCS objects are downloaded into ``cache_dir`` (reused while
-    the generation, size and crc32c still match). A file's digests are remembered per file identity in
+    the generation, size and crc32c still match; with ``expected_sha256``, a cached copy whose
+    bytes are the pin is used without asking storage at all). A file's digests are remembered per file identity in
     ``cache_dir/digests``, so a restart does not hash it again. ``expected_sha256`` pins the bytes; GCS work
     is retried on transient errors and bounded by ``timeout_s``; a model over ``max_bytes`` is refused
     before it is read (ModelTooLarge). The cache folder is made private (0700, ours, no symlink) and
@@ -40,9 +42,20 @@ def fetch_model(
         return fetch_local(
             location, source=uri, expected_sha256=pin, started=started, max_bytes=max_bytes, memo=memo
         )
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if pin is not None:
+        cached = pinned_cached_copy(
+            location,
+            source=uri,
+            cache_dir=directory,
+            expected_sha256=pin,
+            started=started,
+            max_bytes=max_bytes,
+        )
+        if cached is not None:
+            return cached
     from model_fetch.gcs import fetch_gcs  # google-cloud-storage: ~45 MB RSS, only when needed
 
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return fetch_gcs(
         location,
         source=uri,

@@ -11,17 +11,15 @@ deleted. Transient errors are retried with google-api-core's backoff until ``tim
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import re
 import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
@@ -40,6 +38,7 @@ from model_fetch.errors import (
     ModelNotFound,
     StorageUnavailable,
 )
+from model_fetch.gcs_cache import cache_file_name
 from model_fetch.local import check_size
 from model_fetch.result import FetchedModel
 from model_fetch.uri import GcsLocation
@@ -47,7 +46,6 @@ from model_fetch.uri import GcsLocation
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 _RETRY_INITIAL_S = 0.25
 _RETRY_MAXIMUM_S = 8.0
 _RETRY_MULTIPLIER = 2.0
@@ -114,16 +112,6 @@ class RemoteObject:
 
 # a partial download older than this (and than twice the fetch timeout) belongs to a killed process
 STALE_PARTIAL_S = 600.0
-
-
-def cache_file_name(location: GcsLocation, generation: int) -> str:
-    """A safe file name, unique per bucket, object and generation, keeping the object's suffix."""
-    suffix = PurePosixPath(location.name).suffix
-    stem = location.name[: len(location.name) - len(suffix)]
-    readable = _UNSAFE_CHARACTERS.sub("_", f"{location.bucket}_{stem}")[-80:].strip("._-")
-    safe_suffix = _UNSAFE_CHARACTERS.sub("_", suffix)[:16]
-    key = hashlib.sha256(f"{location.bucket}/{location.name}".encode()).hexdigest()[:16]
-    return f"{readable}.{key}.g{generation}{safe_suffix}"
 
 
 def fetch_gcs(

@@ -7,6 +7,7 @@ weight cache. Real processes: the warm command, fake-gcs-server and a functions-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -61,6 +62,28 @@ def test_a_warmed_build_cold_starts_without_download_check_or_weight_packing(
     assert emulator_downloads(fake_gcs, bucket) == 1
     assert sorted(p.name for p in (deployed / "xnnpack").iterdir()) == [logs[-1]["weight_cache"]]
     assert body["model"]["sha256"] == logs[-1]["sha256"]
+
+
+def test_a_pinned_warmed_build_starts_with_storage_unreachable(
+    fresh_fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, tmp_path: Path
+) -> None:
+    """With MODEL_SHA256, a deployed build's cold start asks storage nothing: the cached bytes are the pin."""
+    bucket = fresh_fake_gcs.create_bucket()
+    fresh_fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    pin = hashlib.sha256(test_bundle.read_bytes()).hexdigest()
+    build, deployed = tmp_path / "build" / ".model-cache", tmp_path / "container" / ".model-cache"
+    code, logs = warm(gcs_env(fresh_fake_gcs, bucket, build, MODEL_SHA256=pin))
+    assert code == 0, logs
+
+    fresh_fake_gcs.stop()
+    shutil.copytree(build, deployed)
+    server = server_factory(gcs_env(fresh_fake_gcs, bucket, deployed, MODEL_SHA256=pin), wait="/memory")
+    status, body = server.post_image("/predict", jpeg_bytes())
+    assert status == 200, server.log_tail()
+    assert body["model"]["sha256"] == pin
+    (loaded,) = records(server, logger="dermal_fn.serving.service", message_prefix="model loaded")
+    assert loaded["downloaded"] is False and loaded["load_check"] == "earlier load"
+    assert records(server, logger="model_fetch.gcs_cache", message_prefix="serving gs://")
 
 
 def test_a_model_that_cannot_load_fails_the_build(tmp_path: Path, test_bundle: Path) -> None:
