@@ -83,7 +83,7 @@ bench: $(DEV_STAMP)
 	$(PY) -m bench.run --plot docs/benchmark-rss.png
 	$(PY) -m bench.hostile --json bench/out/hostile.json
 	$(PY) -m bench.trust_cost
-	$(PY) -m bench.coldstart --model bench/out/effnetv2s_384_none.dermal --runs 3 --sources local --restart --render-free --guard
+	$(PY) -m bench.coldstart --model bench/out/effnetv2s_384_none.dermal --runs 3 --sources local --restart --warmed --render-free --guard
 
 ## the same in seconds, on a tiny model
 bench-smoke: $(DEV_STAMP)

@@ -1,6 +1,6 @@
 """Cold start and memory of the real server: process start → first 200 on POST /predict, idle and peak RSS.
 
-    .venv/bin/python -m bench.coldstart [--model BUNDLE] [--runs 3] [--json OUT.json] [--restart] [--render-free]
+    .venv/bin/python -m bench.coldstart [--model BUNDLE] [--runs 3] [--json OUT.json] [--restart] [--warmed] [--pin] [--render-free]
 
 For each source (``local``: MODEL_URI is the file; ``gcs``: MODEL_URI is ``gs://`` on a
 fake-gcs-server on 127.0.0.1) and each run (as in a new container: an empty MODEL_CACHE_DIR and TMPDIR,
@@ -10,7 +10,8 @@ with render.yaml's environment,
 polls ``GET /memory`` until the server answers (RSS then: the idle server, no model), then
 ``POST /predict`` until the first 200 (cold start = spawn → that 200), sends a burst of 8 concurrent
 requests with a 1600x1200 photo, and reads RSS and VmHWM summed over the server's processes
-(gunicorn master + worker) from /proc. Prints the medians over ``--runs``.
+(gunicorn master + worker) from /proc. Prints the medians over ``--runs``; the kinds of start
+(new, ``--restart``, ``--warmed``) take turns, round by round, so that they are compared at the same moments.
 
 ``--render-free`` adds the same start inside a real cgroup of 512 MiB and 0.1 CPU (Render's free
 plan): wall and CPU-seconds to the first 200, and the next requests' time there.
@@ -29,6 +30,7 @@ The idle RSS is a regression guard: each source's median is compared with the co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -36,7 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +63,18 @@ def default_model(workdir: Path) -> Path:
     return committed(TINY).bundle_path
 
 
+PIN = False  # --pin: every start also gets MODEL_SHA256, as docs/deploy.md recommends
+
+
 def model_env(model: Path, source: str, gcs: Any) -> dict[str, str]:
-    """MODEL_URI (and the emulator) for ``source``: the file itself, or a new bucket holding it."""
+    """MODEL_URI (and the emulator) for ``source``: the file itself, or a new bucket holding it;
+    MODEL_SHA256 too with ``--pin``."""
+    pin = {"MODEL_SHA256": hashlib.sha256(model.read_bytes()).hexdigest()} if PIN else {}
     if source == "gcs":
         bucket = gcs.create_bucket()
         gcs.upload(bucket, "models/model.dermal", model.read_bytes())
-        return {"MODEL_URI": f"gs://{bucket}/models/model.dermal", "STORAGE_EMULATOR_HOST": gcs.url}
-    return {"MODEL_URI": str(model)}
+        return {"MODEL_URI": f"gs://{bucket}/models/model.dermal", "STORAGE_EMULATOR_HOST": gcs.url} | pin
+    return {"MODEL_URI": str(model)} | pin
 
 
 def one_run(
@@ -141,7 +150,7 @@ class WarmedBuild:
         self.uri = model_env(model, source, gcs)
         if source == "local":
             shutil.copyfile(model, self.build / "model.dermal")
-            self.uri = {"MODEL_URI": str(self.build / "model.dermal")}
+            self.uri["MODEL_URI"] = str(self.build / "model.dermal")
         env = server_env(MODEL_CACHE_DIR=str(self.build / ".model-cache"), TMPDIR=str(self.build)) | self.uri
         done = subprocess.run(
             [sys.executable, "-m", "dermal_fn.serving.warm"],
@@ -182,7 +191,7 @@ def render_free_run(
     env = server_env(
         MODEL_CACHE_DIR=cache or tempfile.mkdtemp(dir=workdir, prefix="cache-"),
         TMPDIR=tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
-    ) | (uri or {"MODEL_URI": str(model)})
+    ) | (uri or model_env(model, "local", None))
     group = cgroups.create(cgroups.unique_name(), limit_bytes=512 * 2**20, cpus=cpus)
     try:
         server = ServerProcess(
@@ -243,6 +252,21 @@ def restart_cpu_guard(measured_s: float, baseline: dict[str, Any]) -> dict[str, 
     return _guard(measured_s, float(baseline["restart_cpu_s"]), float(baseline["restart_cpu_tolerance"]), "s")
 
 
+def _from_build(build: WarmedBuild, start: Callable[..., dict[str, float]]) -> dict[str, float]:
+    """One start of a fresh deploy of ``build``."""
+    return start(**_deployed(build))
+
+
+def _interleaved(starts: dict[str, Callable[[], dict[str, float]]], runs: int) -> dict[str, Any]:
+    """Medians per kind of start, the kinds taken in turn (new, restart, warmed, new, …): this
+    machine's load drifts over minutes, so kinds run in blocks would compare moments, not starts."""
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name in starts}
+    for _ in range(runs):
+        for name, start in starts.items():
+            figures[name].append(start())
+    return {name: _medians(found) for name, found in figures.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a bundle (default: the demo model, else a tiny one)")
@@ -265,7 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also new containers of a build warmed by `python -m dermal_fn.serving.warm` (render.yaml's build)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="set MODEL_SHA256 (a pinned gs:// restart or warmed deploy then asks storage nothing)",
+    )
     args = parser.parse_args(argv)
+    global PIN
+    PIN = args.pin
 
     from tests.gcs_emulator import FakeGCS
 
@@ -274,36 +305,37 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or default_model(workdir)
         report: dict[str, Any] = {"model": str(model), "model_mb": round(model.stat().st_size / 2**20, 2)}
         for source in args.sources.split(","):
-            runs = [one_run(model, source, workdir, gcs) for _ in range(args.runs)]
-            report[source] = _medians(runs)
+            starts: dict[str, Callable[[], dict[str, float]]] = {
+                source: partial(one_run, model, source, workdir, gcs)
+            }
             if args.restart:
                 kept = tempfile.mkdtemp(dir=workdir, prefix="kept-cache-")
                 uri = model_env(model, source, gcs)  # one object: a restart finds its generation cached
                 one_run(model, source, workdir, gcs, cache=kept, uri=uri)  # fills the cache
-                report[f"{source}_restart"] = _medians(
-                    [one_run(model, source, workdir, gcs, cache=kept, uri=uri) for _ in range(args.runs)]
+                starts[f"{source}_restart"] = partial(
+                    one_run, model, source, workdir, gcs, cache=kept, uri=uri
                 )
             if args.warmed:
                 build = WarmedBuild(model, source, workdir, gcs)
-                report[f"{source}_warmed"] = _medians(
-                    [one_run(model, source, workdir, gcs, **_deployed(build)) for _ in range(args.runs)]
+                starts[f"{source}_warmed"] = partial(
+                    _from_build, build, partial(one_run, model, source, workdir, gcs)
                 )
+            report |= _interleaved(starts, args.runs)
         if args.render_free:
             from bench.cgroup import CgroupUnavailable
 
             try:
-                report["render_free"] = _medians([render_free_run(model, workdir) for _ in range(args.runs)])
+                starts = {"render_free": partial(render_free_run, model, workdir)}
                 if args.restart:
-                    kept = tempfile.mkdtemp(dir=workdir, prefix="kept-cache-")
-                    render_free_run(model, workdir, cache=kept)
-                    report["render_free_restart"] = _medians(
-                        [render_free_run(model, workdir, cache=kept) for _ in range(args.runs)]
-                    )
+                    kept_free = tempfile.mkdtemp(dir=workdir, prefix="kept-cache-")
+                    render_free_run(model, workdir, cache=kept_free)
+                    starts["render_free_restart"] = partial(render_free_run, model, workdir, cache=kept_free)
                 if args.warmed:
-                    build = WarmedBuild(model, "local", workdir, gcs)
-                    report["render_free_warmed"] = _medians(
-                        [render_free_run(model, workdir, **_deployed(build)) for _ in range(args.runs)]
+                    free_build = WarmedBuild(model, "local", workdir, gcs)
+                    starts["render_free_warmed"] = partial(
+                        _from_build, free_build, partial(render_free_run, model, workdir)
                     )
+                report |= _interleaved(starts, args.runs)
             except CgroupUnavailable as exc:  # said in the report; the other figures stand
                 report["render_free"] = {"error": f"no cgroup: {exc}"}
     baseline = json.loads(BASELINE.read_text())
