@@ -108,7 +108,9 @@ class Settings:
         "MODEL_CACHE_DIR",
         None,
         _text,
-        "where a downloaded bundle is kept (reused for the same object generation)",
+        "where a downloaded bundle is kept (reused for the same object generation, or without asking"
+        " storage when its bytes are the `MODEL_SHA256` pin), with the digest memo, the verified marker"
+        " and XNNPACK's packed weights; render.yaml sets `.model-cache`, which its build warms",
         shown="a temp dir",
     )
     allow_demo_model: bool = setting(
