@@ -7,6 +7,7 @@
   127.0.0.1 on a free port, stderr (the JSON log lines) collected to a file. ``stop()`` kills the
   whole group (gunicorn master and worker); ``logs()`` parses the JSON lines; ``rss_mb()`` and
   ``peak_rss_mb()`` sum RSS / VmHWM over the group's processes from /proc.
+- ``send_until_answered``: send a body the way a client that honours an early answer does.
 - ``SCRUBBED``: the variables a test server never inherits from the test process.
 
 The fixtures built on these (``server_factory``, ``dermal_app``, ``configure``) are in
@@ -20,6 +21,7 @@ import ctypes
 import io
 import json
 import os
+import select
 import shlex
 import signal
 import socket
@@ -29,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,49 @@ def png_bytes(*, width: int = 160, height: int = 120, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     photo(width=width, height=height, seed=seed).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+# --- a client that listens while it sends ----------------------------------------------------------
+
+
+def send_until_answered(sock: socket.socket, pieces: Iterable[bytes], *, within_s: float = 60.0) -> int:
+    """Send ``pieces`` on ``sock`` until they run out, the server answers, or it closes; the bytes sent.
+
+    What an HTTP client that honours an early answer does (RFC 9112 section 9.5): it waits for the
+    socket to be writable *or* readable, so an answer (a 413 half way through an upload) stops the
+    upload even when the server has stopped reading and the kernel's buffers are full. A blocking
+    ``sendall`` cannot see that answer; it waits for buffer space that may never come. TimeoutError
+    when neither happens within ``within_s``. The socket is left blocking, the answer unread.
+    """
+    deadline = time.monotonic() + within_s
+    sent = 0
+    pending = b""
+    chunks = iter(pieces)
+    sock.setblocking(False)
+    try:
+        while True:
+            if not pending:
+                pending = next(chunks, b"")
+                if not pending:
+                    return sent
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"expected the server to read the body or answer within {within_s:g} s, "
+                    f"found neither after {sent} bytes"
+                )
+            readable, writable, _ = select.select([sock], [sock], [], left)
+            if readable:
+                return sent  # an answer, or the connection closed: either way, stop sending
+            if writable:
+                try:
+                    count = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    return sent
+                pending = pending[count:]
+                sent += count
+    finally:
+        sock.setblocking(True)
 
 
 # --- a real functions-framework process --------------------------------------------------------------
