@@ -117,6 +117,21 @@ class ModelHolder:
         finally:
             self._lock.release()
 
+    def close(self, *, wait_s: float = 30.0) -> None:
+        """Close the engine once a load under way has ended (waiting at most ``wait_s``).
+
+        For a service being replaced (a reload, a test): a background load that outlived it would
+        finish later with nobody to close its engine.
+        """
+        acquired = self._lock.acquire(timeout=wait_s)
+        try:
+            engine, self._engine = self._engine, None
+        finally:
+            if acquired:
+                self._lock.release()
+        if engine is not None:
+            engine.close()
+
     def _refuse_during_backoff(self) -> None:
         remaining = self.retry_in()
         if remaining > 0 and self._error is not None:
@@ -598,6 +613,6 @@ def reset_service(settings: Settings | None = None) -> Service | None:
     with _SERVICE_LOCK:
         old = _SERVICE
         _SERVICE = Service(settings) if settings is not None else None
-    if old is not None and old.holder.engine is not None:
-        old.holder.engine.close()
+    if old is not None:
+        old.holder.close()
     return _SERVICE
