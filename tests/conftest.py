@@ -15,18 +15,28 @@ rest in ``requirements-test.txt``'s environment.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import flask
 import pytest
 
+from dermal_fn.serving.logs import close_quietly_at_exit
 from tests.gcs_emulator import FakeGCS, shared_fake_gcs
 from tests.http_fixtures import REPO_ROOT, SCRUBBED, ServerProcess
 from tests.models import SMALL, TINY, TinyModel, committed
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After pytest's summary: what LiteRT's process-wide environments print as C++ destroys them at
+    exit goes where the server sends it (``close_quietly_at_exit``), not under the summary."""
+    if "ai_edge_litert" in sys.modules:
+        close_quietly_at_exit(lambda: None, logging.getLogger("tests.litert"))
 
 
 # --- models ----------------------------------------------------------------------------------------

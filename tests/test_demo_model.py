@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,9 +20,11 @@ N_IMAGES = 200
 
 
 @pytest.fixture(scope="module")
-def engine() -> LiteRTEngine:
+def engine() -> Iterator[LiteRTEngine]:
     assert DEMO_BUNDLE.is_file(), f"the demo bundle must be committed at {DEMO_BUNDLE} (make demo-model)"
-    return LiteRTEngine(DEMO_BUNDLE, sha256="demo", num_threads=1)
+    engine = LiteRTEngine(DEMO_BUNDLE, sha256="demo", num_threads=1)
+    yield engine
+    engine.close()  # in the teardown, where pytest captures LiteRT's lines, not during its report
 
 
 def served_input(engine: LiteRTEngine, image: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from dermal_fn.core import imaging
 from dermal_fn.core.gradcam import grad_cam
 from dermal_fn.core.head import Head, Score
 from dermal_fn.core.imaging import InputScale, Normalization
+from dermal_fn.core.native_log import native_output_as_records
 from dermal_fn.core.trust import Calibration, calibrated, pooled
 from dermal_fn.errors import BundleError
 
@@ -213,8 +214,24 @@ class LiteRTEngine(Engine):
             if weight_cache_dir is None
             else xnnpack_weight_cache_path(path, sha256=sha256, folder=weight_cache_dir)
         )
+        self._model: Any = None
+        self._inputs: list[Any] = []
+        self._outputs: list[Any] = []
+        # LiteRT prints its own lines on fd 2 as it creates and destroys environments: re-emitted as
+        # our records, and a load that fails drops what it made inside the capture too
+        with native_output_as_records(logger):
+            try:
+                self._open(path, manifest)
+            except BaseException:
+                self._inputs, self._outputs, self._model = [], [], None
+                raise
+        if weight_cache_dir is not None and self.weight_cache is not None:
+            prune_weight_caches(weight_cache_dir, keep=self.weight_cache)
+
+    def _open(self, path: str | Path, manifest: bundle_format.Manifest) -> None:
+        """The LiteRT model, its buffers, and (when not proven) the check inference."""
         try:
-            self._model = _compiled_model(path, num_threads=num_threads, weight_cache=self.weight_cache)
+            self._model = _compiled_model(path, num_threads=self.num_threads, weight_cache=self.weight_cache)
             (signature,) = self._model.get_signature_list()
             (inp,) = self._model.get_input_tensor_details(signature).values()
             (out,) = self._model.get_output_tensor_details(signature).values()
@@ -232,12 +249,10 @@ class LiteRTEngine(Engine):
         self._output_shape = tuple(int(d) for d in out["shape"])
         self._output_size = int(np.prod(self._output_shape))
         # LiteRT makes one more environment (and prints its native lines) on a buffer's first write:
-        # here, inside the load, where the caller captures native output, not in the first request
+        # here, inside the load and its capture, not in the first request
         self._inputs[0].write(np.zeros((1, h, w, 3), dtype=np.float32))
         if self.load_check == "zero-image inference":
             self._smoke_test(h, w)
-        if weight_cache_dir is not None and self.weight_cache is not None:
-            prune_weight_caches(weight_cache_dir, keep=self.weight_cache)
 
     def _smoke_test(self, height: int, width: int) -> None:
         """One inference on a zero image: a finite feature map, and probabilities from the head."""
@@ -258,7 +273,8 @@ class LiteRTEngine(Engine):
             return self._outputs[0].read(self._output_size, np.float32).reshape(self._output_shape)
 
     def close(self) -> None:
-        with self._lock:
+        """Drop the model and buffers; LiteRT's lines as it destroys the model's environment are records."""
+        with self._lock, native_output_as_records(logger):
             self._inputs, self._outputs = [], []
             self._model = None
 

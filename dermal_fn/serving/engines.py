@@ -14,7 +14,6 @@ from pathlib import Path
 from dermal_fn.core import bundle as bundle_format
 from dermal_fn.core.engine import Engine, LiteRTEngine, litert_runtime
 from dermal_fn.errors import BundleError
-from dermal_fn.serving.logs import native_output_as_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +63,13 @@ def load_engine(
     if Path(path).is_file() and bundle_format.is_bundle(path):
         marker = verified_dir / f"{sha256}.ok" if verified_dir is not None else None
         runtime = litert_runtime()
-        with native_output_as_json(logger):  # LiteRT's own stderr lines, as JSON records
-            engine = LiteRTEngine(
-                path,
-                sha256=sha256,
-                num_threads=num_threads,
-                weight_cache_dir=weight_cache_dir,
-                known_good=_marker_says(marker, runtime),
-            )
+        engine = LiteRTEngine(  # LiteRT's own stderr lines become records of the engine's logger
+            path,
+            sha256=sha256,
+            num_threads=num_threads,
+            weight_cache_dir=weight_cache_dir,
+            known_good=_marker_says(marker, runtime),
+        )
         if marker is not None and engine.load_check != "earlier load":
             with contextlib.suppress(OSError):
                 marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

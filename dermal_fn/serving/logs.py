@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import datetime as dt
 import gc
 import json
 import logging
 import os
-import re
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
+
+from dermal_fn.core.native_log import native_output_as_records
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -55,93 +54,22 @@ def setup_logging(level: int = logging.INFO, *, stream: Any = None) -> None:
         log.propagate = False
 
 
-# --- the native runtime's own lines, as JSON ---------------------------------------------------------
-
-_NATIVE = re.compile(r"^(INFO|WARNING|ERROR|FATAL|VERBOSE|DEBUG):\s*(.*)$")
-# expected on every machine without the vendor's runtime: said at DEBUG, not as a warning each cold start
-_BENIGN = (
-    "Failed to load plugin",
-    "Could not load shared library",
-    "cannot open shared object file",
-    # a machine without an NPU (every server): LiteRT says so at WARNING, twice, on each cold start
-    "accelerator could not be loaded and registered: kLiteRtStatusErrorNotFound",
-)
-_NATIVE_LEVELS = {
-    "VERBOSE": logging.DEBUG,
-    "DEBUG": logging.DEBUG,
-    "INFO": logging.DEBUG,  # accelerator registration and the like: not for a normal log
-    "WARNING": logging.WARNING,
-    "ERROR": logging.ERROR,
-    "FATAL": logging.CRITICAL,
-}
-
-
-@contextlib.contextmanager
-def native_output_as_json(logger: logging.Logger) -> Iterator[None]:
-    """Capture what native code writes to file descriptor 2 meanwhile; re-emit it as JSON log records.
-
-    LiteRT writes plain lines (``INFO: [environment.cc:36] ...``, a failed vendor plugin as a
-    WARNING) straight to fd 2, which Cloud Logging files as text or errors. Lines that are already
-    JSON (our own records written meanwhile) pass through unchanged; ``└`` continuation lines join
-    the record before them; a plugin that is simply not installed is said at DEBUG.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read_end, write_end = os.pipe()
-    chunks: list[bytes] = []
-    drainer = threading.Thread(target=_drain, args=(read_end, chunks), name="dermal-native-log", daemon=True)
-    drainer.start()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # the last writer of the pipe is gone: the drainer sees its end
-        drainer.join(timeout=5)
-        os.close(saved)
-        _re_emit(b"".join(chunks).decode("utf-8", "replace"), logger)
-
-
-def _drain(fd: int, chunks: list[bytes]) -> None:
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
-        while block := pipe.read(65536):
-            chunks.append(block)
-
-
-def _re_emit(text: str, logger: logging.Logger) -> None:
-    records: list[list[str]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            sys.stderr.write(line + "\n")  # already a JSON record (ours): as it was
-        elif line.lstrip().startswith("└") and records:
-            records[-1].append(line.strip(" └"))
-        else:
-            records.append([line])
-    for parts in records:
-        match = _NATIVE.match(parts[0])
-        severity, message = (match.group(1), match.group(2)) if match else ("INFO", parts[0])
-        message = " ".join([message, *parts[1:]])
-        level = _NATIVE_LEVELS.get(severity, logging.INFO)
-        if any(marker in message for marker in _BENIGN):
-            level = logging.DEBUG
-        logger.log(level, message, extra={"json_fields": {"source": "litert", "native_severity": severity}})
-    sys.stderr.flush()
+# --- the native runtime's lines at exit (the rest: dermal_fn.core.native_log) -------------------------
 
 
 def close_quietly_at_exit(close: Callable[[], None], logger: logging.Logger) -> None:
-    """At interpreter exit: ``close()`` with its native lines as JSON, then drop what native code prints after.
+    """At interpreter exit: ``close()``, then drop what native code prints after.
 
-    LiteRT's environments print a line each as they are destroyed; the ones owned by the engine are
-    destroyed by ``close()`` inside the capture, the process-wide ones by C++ static destructors after
-    Python is gone, when nothing is left to re-emit them: fd 2 then goes to /dev/null.
+    LiteRT's environments print a line each as they are destroyed; the ones owned by an engine are
+    destroyed by its ``close()``, which re-emits them as records itself, anything only a cycle still
+    holds by the collection here, inside a capture, and the process-wide ones by C++ static
+    destructors after Python is gone, when nothing is left to re-emit them: fd 2 then goes to
+    /dev/null.
     """
 
     def at_exit() -> None:
-        with native_output_as_json(logger):
-            close()
+        close()
+        with native_output_as_records(logger):
             gc.collect()
         sys.stderr.flush()
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dermal_fn.errors import DermalError
+from dermal_fn.serving.logs import close_quietly_at_exit
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -200,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    # what LiteRT's process-wide environments print as C++ destroys them after Python: not on the console
+    close_quietly_at_exit(lambda: None, logging.getLogger("dermal_fn.litert"))
     try:
         return int(args.run(args))
     except (DermalError, OSError) as exc:

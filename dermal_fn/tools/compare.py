@@ -13,6 +13,7 @@ threshold given on the command line is missed, 2 on errors, so it can gate a dep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -372,13 +373,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not (low <= value <= 1.0):
             raise DermalError(f"expected {name} between {low:g} and 1, found {value}")
     files = image_files(args.images, limit=limit)
-    base = open_engine(base_path, num_threads=threads)
-    other = open_engine(other_path, num_threads=threads)
-    try:
+    with contextlib.ExitStack() as opened:  # closed even when the other one fails to open
+        base = opened.enter_context(contextlib.closing(open_engine(base_path, num_threads=threads)))
+        other = opened.enter_context(contextlib.closing(open_engine(other_path, num_threads=threads)))
         summary, per_image = compare_engines(base, other, files)
-    finally:
-        base.close()
-        other.close()
     del base, other
     measurements = {
         "base": measure_in_child(base_path, args.images, limit=limit, num_threads=threads),
