@@ -700,7 +700,7 @@ def test_slow_download_is_cut_at_the_timeout(
     started = time.monotonic()
     with pytest.raises(StorageUnavailable, match="bytes received") as caught:
         fetch_model(uri, cache_dir=cache_dir, timeout_s=1.0)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 2.5  # cut: the whole body takes over 3.2 s
     assert "timeout_s=1" in str(caught.value)
     assert files_in(cache_dir) == []
 
@@ -724,7 +724,7 @@ def test_emulator_down_then_back(fresh_fake_gcs: FakeGCS, cache_dir: Path) -> No
     started = time.monotonic()
     with pytest.raises(StorageUnavailable, match="timeout_s=2") as caught:
         fetch_model(f"gs://{bucket}/model.bundle", cache_dir=cache_dir, timeout_s=2.0)
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 4.0  # the library's own retry deadline is 120 s
     assert "Connection refused" in str(caught.value)
     assert files_in(cache_dir) == []
 

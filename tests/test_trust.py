@@ -344,15 +344,16 @@ def test_a_malformed_calibration_section_is_a_bundle_error(tmp_path: Path) -> No
 
 
 def test_quality_and_distribution_cost_little() -> None:
-    """Per request: under 5 ms for the checks on the demo (the benchmark measures EfficientNetV2-S)."""
+    """Per request: under 5 ms of CPU for the checks on the demo (1.4–1.5 ms here; the benchmark measures
+    EfficientNetV2-S). CPU time, not wall time: a busy machine does not make the checks cost more."""
     import time
 
     loaded = bundle_format.read(DEMO_BUNDLE)
     assert loaded.calibration is not None and loaded.calibration.distribution is not None
     photo = _photos(1, 512)[0]
     feature = np.random.default_rng(0).normal(size=loaded.manifest.feature_map_shape[2])
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in range(20):
         trust.photo_quality(photo, original_size=photo.size, input_size=(128, 128))
         loaded.calibration.distribution.score(feature)
-    assert (time.perf_counter() - started) / 20 < 0.005
+    assert (time.process_time() - started) / 20 < 0.005
