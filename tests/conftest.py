@@ -36,7 +36,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """After pytest's summary: what LiteRT's process-wide environments print as C++ destroys them at
     exit goes where the server sends it (``close_quietly_at_exit``), not under the summary."""
     if "ai_edge_litert" in sys.modules:
-        close_quietly_at_exit(lambda: None, logging.getLogger("tests.litert"))
+        close_quietly_at_exit(logging.getLogger("tests.litert"))
 
 
 # --- models ----------------------------------------------------------------------------------------

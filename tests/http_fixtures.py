@@ -7,7 +7,8 @@
   127.0.0.1 on a free port, stderr (the JSON log lines) collected to a file. ``stop()`` kills the
   whole group (gunicorn master and worker); ``logs()`` parses the JSON lines; ``rss_mb()`` and
   ``peak_rss_mb()`` sum RSS / VmHWM over the group's processes from /proc.
-- ``send_until_answered``: send a body the way a client that honours an early answer does.
+- ``send_until_answered``: send a body the way a client that honours an early answer does;
+  ``read_response``: the answer's status, headers and body.
 - ``SCRUBBED``: the variables a test server never inherits from the test process.
 
 The fixtures built on these (``server_factory``, ``dermal_app``, ``configure``) are in
@@ -119,6 +120,28 @@ def send_until_answered(sock: socket.socket, pieces: Iterable[bytes], *, within_
                 sent += count
     finally:
         sock.setblocking(True)
+
+
+def read_response(sock: socket.socket, *, timeout_s: float = 15.0) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one HTTP/1.1 response on ``sock``."""
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"expected a response, found the connection closed after {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body[:length]
 
 
 # --- a real functions-framework process --------------------------------------------------------------

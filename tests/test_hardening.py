@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests import hostile_fixtures as hf
-from tests.http_fixtures import HOST, ServerProcess, send_until_answered
+from tests.http_fixtures import HOST, ServerProcess, read_response, send_until_answered
 from tests.models import rewrite_bundle
 
 StartServer = Callable[..., ServerProcess]
@@ -31,28 +31,6 @@ MIB = 2**20
 
 
 # --- raw HTTP, for what urllib will not send -----------------------------------------------------------
-
-
-def read_response(sock: socket.socket, *, timeout_s: float = 15.0) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of one HTTP/1.1 response on ``sock``."""
-    sock.settimeout(timeout_s)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"expected a response, found the connection closed after {data[:200]!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, headers, body[:length]
 
 
 def send_head(port: int, method: str, path: str, headers: dict[str, str]) -> socket.socket:

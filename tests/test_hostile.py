@@ -21,7 +21,7 @@ import pytest
 from dermal_fn.models import DEMO_BUNDLE
 from dermal_fn.serving.service import get_service
 from tests import hostile_fixtures as hf
-from tests.http_fixtures import send_until_answered
+from tests.http_fixtures import read_response, send_until_answered
 
 LIMIT_BYTES = 1024 * 1024  # MAX_UPLOAD_MB=1 in these tests
 JPEG = hf.jpeg(size=96)
@@ -398,30 +398,8 @@ def raw_exchange(port: int, head: bytes, body_chunks: Iterator[bytes]) -> tuple[
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(head)
         sent = send_until_answered(sock, body_chunks)
-        response = b""
-        try:
-            while b"\r\n\r\n" not in response:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                response += piece
-            header_block, _, rest = response.partition(b"\r\n\r\n")
-            length = 0
-            for line in header_block.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(rest) < length:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                rest += piece
-        except ConnectionResetError as exc:  # the server closed on the unread body: what it sent first
-            raise AssertionError(f"expected a whole answer, found a reset after {response[:200]!r}") from exc
-    if b"\r\n\r\n" not in response:
-        raise AssertionError(f"expected an answer, found the connection closed after {response[:200]!r}")
-    status = int(header_block.split(b" ", 2)[1])
-    return status, rest[:length], sent
+        status, _, body = read_response(sock)
+    return status, body, sent
 
 
 def test_chunked_upload_over_the_limit_is_refused_while_streaming(server: hf.ServerProcess) -> None:

@@ -223,7 +223,7 @@ class LiteRTEngine(Engine):
             try:
                 self._open(path, manifest)
             except BaseException:
-                self._inputs, self._outputs, self._model = [], [], None
+                self._drop()
                 raise
         if weight_cache_dir is not None and self.weight_cache is not None:
             prune_weight_caches(weight_cache_dir, keep=self.weight_cache)
@@ -275,8 +275,12 @@ class LiteRTEngine(Engine):
     def close(self) -> None:
         """Drop the model and buffers; LiteRT's lines as it destroys the model's environment are records."""
         with self._lock, native_output_as_records(logger):
-            self._inputs, self._outputs = [], []
-            self._model = None
+            self._drop()
+
+    def _drop(self) -> None:
+        """Let go of the LiteRT objects (the caller captures what LiteRT prints as they go)."""
+        self._inputs, self._outputs = [], []
+        self._model = None
 
 
 def exporter_verified_here(manifest: bundle_format.Manifest) -> bool:

@@ -57,8 +57,8 @@ def setup_logging(level: int = logging.INFO, *, stream: Any = None) -> None:
 # --- the native runtime's lines at exit (the rest: dermal_fn.core.native_log) -------------------------
 
 
-def close_quietly_at_exit(close: Callable[[], None], logger: logging.Logger) -> None:
-    """At interpreter exit: ``close()``, then drop what native code prints after.
+def close_quietly_at_exit(logger: logging.Logger, close: Callable[[], None] | None = None) -> None:
+    """At interpreter exit: ``close()`` (when given), then drop what native code prints after.
 
     LiteRT's environments print a line each as they are destroyed; the ones owned by an engine are
     destroyed by its ``close()``, which re-emits them as records itself, anything only a cycle still
@@ -68,7 +68,8 @@ def close_quietly_at_exit(close: Callable[[], None], logger: logging.Logger) -> 
     """
 
     def at_exit() -> None:
-        close()
+        if close is not None:
+            close()
         with native_output_as_records(logger):
             gc.collect()
         sys.stderr.flush()

@@ -192,7 +192,7 @@ class ModelHolder:
         self._engine = engine
         self._error, self._failures, self._retry_at = None, 0, None
         if engine.info.backend == "litert":
-            close_quietly_at_exit(engine.close, logger)  # LiteRT's exit lines: JSON or dropped
+            close_quietly_at_exit(logger, engine.close)  # LiteRT's exit lines: JSON or dropped
         logger.info(
             "model loaded",
             extra={

@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     # what LiteRT's process-wide environments print as C++ destroys them after Python: not on the console
-    close_quietly_at_exit(lambda: None, logging.getLogger("dermal_fn.litert"))
+    close_quietly_at_exit(logging.getLogger("dermal_fn.litert"))
     try:
         return int(args.run(args))
     except (DermalError, OSError) as exc:
