@@ -433,43 +433,56 @@ def test_declared_content_length_over_the_limit_is_refused_before_any_body(serve
 
 @pytest.mark.slow
 def test_burst_of_bombs_and_photos_leaves_the_server_serving(server: hf.ServerProcess) -> None:
+    """24 clients at once against 3 places: every bomb is refused, every photo is answered.
+
+    Clients do what a client told 503 does: wait Retry-After and send again. Which requests get
+    a place first is up to the scheduler (on a loaded machine the bombs can hold all three while
+    every photo is turned away), so the check is on what each client ends with, not on who wins.
+    """
     big_photo = hf.encode(hf.photo(size=256, seed=9).resize((1800, 1800)), "JPEG", quality=80)
     big_png = hf.encode(hf.photo(size=128, seed=10).resize((900, 900)), "PNG")
-    uploads: list[tuple[bytes, str]] = [
+    bombs: list[tuple[bytes, str]] = [
         (hf.png_bomb(), "image/png"),
         (hf.jpeg_bomb(), "image/jpeg"),
         (hf.gif_bomb(), "image/gif"),
+    ]
+    photos: list[tuple[bytes, str]] = [
         (big_photo, "image/jpeg"),
         (big_png, "image/png"),
         (JPEG, "image/jpeg"),
-    ] * 4
+    ]
+    uploads = [(upload, "bomb") for upload in bombs] + [(upload, "photo") for upload in photos]
+    uploads *= 4
     assert len(uploads) == 24 and len(big_png) < LIMIT_BYTES and len(big_photo) < LIMIT_BYTES
+    deadline = time.monotonic() + 120
 
-    def post(upload: tuple[bytes, str]) -> tuple[int, dict[str, str], bytes]:
+    def post(upload: tuple[bytes, str]) -> tuple[int, bytes]:
+        """Send until the answer is not 503 (or the deadline has passed): status and body."""
         data, content_type = upload
-        return server.request(
-            "POST", "/predict", body=data, headers={"Content-Type": content_type}, timeout_s=60
-        )
+        while True:
+            status, headers, body = server.request(
+                "POST", "/predict", body=data, headers={"Content-Type": content_type}, timeout_s=60
+            )
+            if status != 503 or time.monotonic() > deadline:
+                return status, body
+            assert json.loads(body)["error"]["code"] == "overloaded", body[:300]
+            time.sleep(int(headers["Retry-After"]))
 
     with ThreadPoolExecutor(max_workers=24) as pool:
-        futures = [pool.submit(post, upload) for upload in uploads]
+        futures = [pool.submit(post, upload) for upload, _ in uploads]
         started = time.perf_counter()
         health_status, _, health_body = server.request("GET", "/health", timeout_s=10)
         health_s = time.perf_counter() - started
-        answers = [future.result(timeout=90) for future in futures]
+        answers = [future.result(timeout=180) for future in futures]
 
     assert health_status == 200 and json.loads(health_body)["status"] == "ok"
     assert health_s < 10
-    codes = []
-    for status, headers, body in answers:
-        assert status in (200, 400, 503), body[:300]
+    for (_, kind), (status, body) in zip(uploads, answers, strict=True):
         payload = json.loads(body)
-        if status == 503:
-            assert payload["error"]["code"] == "overloaded" and headers["Retry-After"]
-        elif status == 400:
-            assert payload["error"]["code"] == "invalid_image"
-        codes.append(status)
-    assert 200 in codes
+        if kind == "bomb":
+            assert status == 400 and payload["error"]["code"] == "invalid_image", body[:300]
+        else:
+            assert status == 200 and payload["predictions"], body[:300]
     status, _, body = server.request("POST", "/predict", body=JPEG, headers={"Content-Type": "image/jpeg"})
     assert status == 200 and json.loads(body)["predictions"]
     assert server.running
