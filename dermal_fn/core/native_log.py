@@ -44,10 +44,9 @@ _ONE_AT_A_TIME = threading.RLock()
 def native_output_as_records(logger: logging.Logger) -> Iterator[None]:
     """Capture what native code writes to file descriptor 2 meanwhile; re-emit it as log records.
 
-    LiteRT writes plain lines (``INFO: [environment.cc:36] ...``, a failed vendor plugin as a
-    WARNING) straight to fd 2, which Cloud Logging files as text or errors. Lines that are already
-    JSON (our own records written meanwhile) pass through unchanged; ``└`` continuation lines join
-    the record before them; a plugin that is simply not installed is said at DEBUG.
+    Lines that are already JSON (our own records written meanwhile) pass through unchanged; ``└``
+    continuation lines join the record before them; a plugin that is simply not installed is said
+    at DEBUG.
 
     fd 2 belongs to the whole process, so captures in different threads (a load while another
     engine closes) take turns: interleaved, one would restore the other's pipe as fd 2 and its
