@@ -53,7 +53,7 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(DEV_STAMP)
-	$(VENV)/bin/mypy dermal_fn model_fetch main.py
+	$(VENV)/bin/mypy dermal_fn model_fetch bench tests main.py
 
 ## every test in the dev environment
 pytest: $(DEV_STAMP)

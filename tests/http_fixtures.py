@@ -219,7 +219,7 @@ class ServerProcess:
         if self.running:
             raise RuntimeError(f"expected a stopped server, found one running at {self.url}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv, extra = start_argv(self.port), {}
+        argv, extra = start_argv(self.port), dict[str, str]()
         if self.wrap is not None:
             argv, extra = self.wrap(argv)
         with open(self.log_path, "ab") as log:

@@ -17,7 +17,8 @@ from dermal_fn.errors import ConfigError, ModelUnavailable
 from dermal_fn.models import DEMO_BUNDLE
 from dermal_fn.serving import memory
 from dermal_fn.serving.config import Settings
-from dermal_fn.serving.service import ModelHolder, Service, get_service, reset_service
+from dermal_fn.serving.holder import ModelHolder
+from dermal_fn.serving.service import Service, get_service, reset_service
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -335,7 +336,7 @@ def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
     import sys
 
     from dermal_fn.errors import ModelCrashed
-    from dermal_fn.serving.service import CrashMarker
+    from dermal_fn.serving.holder import CrashMarker
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

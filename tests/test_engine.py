@@ -43,7 +43,7 @@ def test_grid_invariants_and_input_not_mutated(tiny_model: TinyModel) -> None:
         pixels = rng.uniform(0, 255, (1, tiny_model.size, tiny_model.size, 3)).astype(np.float32)
         before = pixels.copy()
         for score in ("logit", "probability"):
-            result = engine.run(pixels, score=score)  # type: ignore[arg-type]
+            result = engine.run(pixels, score=score)
             assert result.grid is not None
             assert result.grid.shape == (h, w)
             assert np.isfinite(result.grid).all()

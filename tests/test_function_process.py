@@ -91,7 +91,7 @@ def test_eight_concurrent_first_requests_download_once(
     assert len({str(body["predictions"]) for _, body in answers}) == 1  # one interpreter, same answer
     assert emulator_downloads(fake_gcs, bucket) == 1
     assert len(records(server, logger="model_fetch.gcs", message_prefix="downloaded ")) == 1
-    loaded = records(server, logger="dermal_fn.serving.service", message_prefix="model loaded")
+    loaded = records(server, logger="dermal_fn.serving.holder", message_prefix="model loaded")
     assert len(loaded) == 1
     assert loaded[0]["downloaded"] is True
     assert loaded[0]["source"] == f"gs://{bucket}/{OBJECT}"
@@ -215,7 +215,7 @@ def test_restarted_server_reuses_the_cached_download(
     second = server_factory(env)
     assert second.post_image("/predict", JPEG)[0] == 200
     assert emulator_downloads(fake_gcs, bucket) == 1
-    (loaded,) = records(second, logger="dermal_fn.serving.service", message_prefix="model loaded")
+    (loaded,) = records(second, logger="dermal_fn.serving.holder", message_prefix="model loaded")
     assert loaded["downloaded"] is False
 
 
@@ -249,7 +249,7 @@ def test_model_loads_in_the_worker_not_the_master(
     env = {"MODEL_URI": str(test_bundle)} | ({"LITERT_THREADS": threads} if threads else {})
     server = server_factory(env, wait=path)
     assert server.post_image("/predict", JPEG)[0] == 200
-    (loaded,) = records(server, logger="dermal_fn.serving.service", message_prefix="model loaded")
+    (loaded,) = records(server, logger="dermal_fn.serving.holder", message_prefix="model loaded")
     assert loaded["threads"] == (int(threads) if threads else memory.available_cpus())
     master = server.process.pid if server.process is not None else -1
     workers = [pid for pid in server.pids() if pid != master]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from dermal_fn.core.head import Head, Op
 RNG = np.random.default_rng(7)
 
 
-def numeric_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def numeric_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     grad = np.zeros_like(x)
     flat = x.reshape(-1)
     g = grad.reshape(-1)
@@ -26,7 +28,7 @@ def numeric_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return grad
 
 
-def dense(n_in: int, n_out: int, activation: str = "linear", **params) -> Op:
+def dense(n_in: int, n_out: int, activation: str = "linear", **params: float) -> Op:
     arrays = {"kernel": RNG.normal(0, 0.5, (n_in, n_out)), "bias": RNG.normal(0, 0.1, n_out)}
     return Op("dense", f"dense_{n_out}", {"activation": activation, **params}, arrays)
 
@@ -102,10 +104,11 @@ def test_binary_head_reports_two_classes(score: str) -> None:
     assert result.probabilities.sum() == pytest.approx(1.0)
     for class_index in (0, 1):
         analytic = head.backward(result, head.score_gradient(result, class_index=class_index, score=score))  # type: ignore[arg-type]
-        numeric = numeric_gradient(
-            lambda x, c=class_index: head.class_score(head.forward(x), class_index=c, score=score),  # type: ignore[arg-type]
-            feature_map.copy(),
-        )
+
+        def class_score(x: np.ndarray, c: int = class_index) -> float:
+            return head.class_score(head.forward(x), class_index=c, score=score)  # type: ignore[arg-type]
+
+        numeric = numeric_gradient(class_score, feature_map.copy())
         np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-8)
 
 

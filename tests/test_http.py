@@ -241,7 +241,7 @@ def test_gradcam_option(client: Client, served: Path, source: str, value: str, s
     body = response.get_json()
     check_body(body, served)
     if status == "disabled":
-        assert body["gradcam"] == {"status": "disabled"}
+        assert body["gradcam"] == {"status": "disabled", "by": "request"}
         assert body["timing_ms"]["gradcam"] == 0.0
     else:
         check_gradcam(body["gradcam"], served)
@@ -332,9 +332,8 @@ def test_enable_gradcam_false_disables_heatmaps(
         assert response.status_code == 200
         body = response.get_json()
         check_body(body, test_bundle)
-        assert body["gradcam"] == {
-            "status": "disabled"
-        }  # a client cannot turn on what the operator turned off
+        # a client cannot turn on what the operator turned off
+        assert body["gradcam"] == {"status": "disabled", "by": "operator"}
     assert client.get("/memory").get_json()["gradcam_enabled"] is False
     assert client.get("/health").get_json()["gradcam_enabled"] is False
 
@@ -346,13 +345,16 @@ def test_memory_pressure_skips_the_heatmap(client: Client, configure: Configure,
     body = response.get_json()
     check_body(body, test_bundle)
     gradcam = body["gradcam"]
-    assert set(gradcam) == {"status", "reason", "rss_mb", "limit_mb"}
+    assert set(gradcam) == {"status", "reason", "rss_mb", "usage_mb", "limit_mb"}
     assert gradcam["status"] == "skipped"
     assert gradcam["reason"] == "memory_pressure"
     assert gradcam["rss_mb"] > 1.0
     assert gradcam["limit_mb"] == 1.0
     # gradcam=false still says disabled: the client did not want one
-    assert post_raw(client, JPEG, query="?gradcam=false").get_json()["gradcam"] == {"status": "disabled"}
+    assert post_raw(client, JPEG, query="?gradcam=false").get_json()["gradcam"] == {
+        "status": "disabled",
+        "by": "request",
+    }
 
 
 def test_soft_limit_defaults_to_90_percent_of_the_limit(

@@ -61,7 +61,7 @@ def reference_checks(source: Path, bundle: Path, *, scale: str = "raw") -> None:
     model = load_model(source)
     assert type(model).__module__.startswith("tf_keras")
     engine = LiteRTEngine(bundle, sha256="b")
-    reference = KerasEngine(source, sha256="k", input_scale=engine.info.input_scale)  # type: ignore[arg-type]
+    reference = KerasEngine(source, sha256="k", input_scale=engine.info.input_scale)
     h, w = engine.info.input_size
     rng = np.random.default_rng(8)
     nontrivial = 0

@@ -7,6 +7,8 @@ a 5xx and that every answer's status, headers, content type and body match the d
 from __future__ import annotations
 
 import json
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from dermal_fn.serving import shapes
 from tests import hostile_fixtures as hf
 
 SPEC_PATH = hf.REPO / "dermal_fn" / "static" / "openapi.json"
@@ -71,7 +74,7 @@ def test_document_is_served(server: hf.ServerProcess) -> None:
 
 def test_schemathesis_accepts_the_document() -> None:
     schema = schemathesis.openapi.from_path(str(SPEC_PATH))
-    operations = [op.ok() for op in schema.get_all_operations()]
+    operations = [op.ok() for op in schema.get_all_operations()]  # type: ignore[union-attr]
     assert {(op.method.upper(), op.path) for op in operations} == {
         ("POST", "/predict"),
         ("GET", "/"),
@@ -120,3 +123,64 @@ def test_api_conforms_to_its_document(api_schema: Any, label: str, mode: Generat
         assert response.status_code < 500 or response.status_code == 503
 
     check()
+
+
+# --- the document against the typed shapes (dermal_fn/serving/shapes.py) -----------------------------
+
+
+def _resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def _required(field: Any, *, total: bool) -> bool:
+    """Whether a TypedDict's field is required (``get_type_hints`` keeps Required/NotRequired as written)."""
+    origin = typing.get_origin(field)
+    return True if origin is typing.Required else False if origin is typing.NotRequired else total
+
+
+def _drift(spec: dict[str, Any], schema: dict[str, Any], hint: Any, where: str) -> list[str]:
+    """Where the document's ``schema`` and the TypedDict ``hint`` disagree on fields or on which are required."""
+    schema = _resolve(spec, schema)
+    while typing.get_origin(hint) in (typing.NotRequired, typing.Required):
+        hint = typing.get_args(hint)[0]
+    if typing.is_typeddict(hint):
+        fields = typing.get_type_hints(hint, include_extras=True)
+        required = {name for name, field in fields.items() if _required(field, total=hint.__total__)}
+        documented = schema.get("properties", {})
+        found = []
+        if set(documented) != set(fields):
+            found.append(
+                f"{where}: fields only typed {sorted(set(fields) - set(documented))}, "
+                f"only documented {sorted(set(documented) - set(fields))}"
+            )
+        if set(schema.get("required", [])) != required:
+            found.append(
+                f"{where}: required typed {sorted(required)}, documented {sorted(schema.get('required', []))}"
+            )
+        for name in set(documented) & set(fields):
+            found += _drift(spec, documented[name], fields[name], f"{where}.{name}")
+        return found
+    if typing.get_origin(hint) is list:
+        return _drift(spec, schema.get("items", {}), typing.get_args(hint)[0], f"{where}[]")
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        shapes = [arg for arg in typing.get_args(hint) if typing.is_typeddict(arg)]
+        return _drift(spec, schema, shapes[0], where) if shapes else []
+    return []
+
+
+@pytest.mark.parametrize("component", sorted(shapes.COMPONENTS))
+def test_the_document_describes_the_typed_shapes(component: str) -> None:
+    spec = json.loads(SPEC_PATH.read_text())
+    schema = spec["components"]["schemas"][component]
+    assert _drift(spec, schema, shapes.COMPONENTS[component], component) == []
+
+
+def test_the_drift_check_sees_a_field_added_to_one_side() -> None:
+    spec = json.loads(SPEC_PATH.read_text())
+    schema = json.loads(json.dumps(spec["components"]["schemas"]["Memory"]))
+    schema["properties"]["memory"]["properties"]["swap_mb"] = {"type": "number"}
+    assert _drift(spec, schema, shapes.MemoryBody, "Memory") == [
+        "Memory.memory: fields only typed [], only documented ['swap_mb']"
+    ]

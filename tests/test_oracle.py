@@ -277,8 +277,8 @@ def test_tensorflow_backend_matches_litert(exported: dict[str, tuple[Any, Path, 
     assert reference.info.backend == "tensorflow" and litert.info.backend == "litert"
     for pixels in verification_inputs((SIZE, SIZE), "raw", count=2, seed=3):
         for score in ("logit", "probability"):
-            a = litert.run(pixels, score=score)  # type: ignore[arg-type]
-            b = reference.run(pixels, class_index=a.class_index, score=score)  # type: ignore[arg-type]
+            a = litert.run(pixels, score=score)
+            b = reference.run(pixels, class_index=a.class_index, score=score)
             np.testing.assert_allclose(a.probabilities, b.probabilities, atol=PROB_TOL)
             assert a.grid is not None and b.grid is not None
             np.testing.assert_allclose(a.grid, b.grid, atol=HEAT_TOL)

@@ -475,7 +475,7 @@ def test_disabled_heatmap_is_said_plainly(
     page.set_input_files("#file", small)
     page.wait_for_selector(DONE)
     status, body = post_multipart(limited_server, small)
-    assert status == 200 and body["gradcam"] == {"status": "disabled"}
+    assert status == 200 and body["gradcam"] == {"status": "disabled", "by": "operator"}
     assert_matches_json(tab, body)
     note = page.locator("#gradcam-note")
     assert note.is_visible()
@@ -524,7 +524,7 @@ def test_api_key_prompt_then_memory_pressure_note(
     def js_round(x: float) -> int:  # the page's Math.round: halves go up (Python's :.0f goes to even)
         return math.floor(x + 0.5)
 
-    assert f"using {js_round(shown['rss_mb'])} MB of its {js_round(shown['limit_mb'])} MB limit" in note
+    assert f"using {js_round(shown['usage_mb'])} MB of its {js_round(shown['limit_mb'])} MB limit" in note
     assert not page.locator("#overlay").is_visible()
     tab.screenshot("desktop-heatmap-skipped")
     assert tab.errors(expected_status=401) == []

@@ -56,7 +56,7 @@ def test_a_warmed_build_cold_starts_without_download_check_or_weight_packing(
     server = server_factory(gcs_env(fake_gcs, bucket, deployed), wait="/memory")
     status, body = server.post_image("/predict", jpeg_bytes())
     assert status == 200, server.log_tail()
-    (loaded,) = records(server, logger="dermal_fn.serving.service", message_prefix="model loaded")
+    (loaded,) = records(server, logger="dermal_fn.serving.holder", message_prefix="model loaded")
     assert loaded["downloaded"] is False  # the generation was checked, the bytes hashed again, not fetched
     assert loaded["load_check"] == "earlier load"  # no CRC-32 read, no check inference
     assert emulator_downloads(fake_gcs, bucket) == 1
@@ -81,7 +81,7 @@ def test_a_pinned_warmed_build_starts_with_storage_unreachable(
     status, body = server.post_image("/predict", jpeg_bytes())
     assert status == 200, server.log_tail()
     assert body["model"]["sha256"] == pin
-    (loaded,) = records(server, logger="dermal_fn.serving.service", message_prefix="model loaded")
+    (loaded,) = records(server, logger="dermal_fn.serving.holder", message_prefix="model loaded")
     assert loaded["downloaded"] is False and loaded["load_check"] == "earlier load"
     assert records(server, logger="model_fetch.gcs_cache", message_prefix="serving gs://")
 

@@ -84,16 +84,6 @@ class ModelInfo:
             normalization=self.normalization,
         )
 
-    def as_json(self) -> dict[str, Any]:
-        """The contract's ``model`` object."""
-        return {
-            "name": self.name,
-            "sha256": self.sha256,
-            "backend": self.backend,
-            "labels": list(self.labels),
-            "calibrated": self.calibrated,
-        }
-
 
 class Engine:
     """Backbone + head. Subclasses provide :meth:`feature_map` (and may override :meth:`run`)."""
@@ -145,7 +135,7 @@ class Engine:
             score=score,
             grid=grid,
             model_ms=(model_done - started) * 1e3,
-            gradcam_ms=(done - model_done) * 1e3,
+            gradcam_ms=(done - model_done) * 1e3 if gradcam else 0.0,
         )
 
     def reported(self, logits: np.ndarray, probabilities: np.ndarray) -> np.ndarray:

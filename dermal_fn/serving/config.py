@@ -203,6 +203,8 @@ class Settings:
     )
     # derived at cold start, not read from a variable of its own
     platform: str | None = field(default=None, metadata={"env": None})  # "render", "cloud-run"
+    # the memory limit is the cgroup's (not MEMORY_LIMIT_MB): the cgroup's charge is then what counts
+    memory_from_cgroup: bool = field(default=False, metadata={"env": None})
 
     @property
     def demo_refused(self) -> bool:
@@ -241,6 +243,7 @@ class Settings:
                 values[f.name] = f.metadata["parse"](name, raw)
         if values.get("memory_limit_mb") is None:
             values["memory_limit_mb"] = cgroup_memory_limit_mb()
+            values["memory_from_cgroup"] = values["memory_limit_mb"] is not None
         if values.get("memory_soft_limit_mb") is None and values["memory_limit_mb"] is not None:
             values["memory_soft_limit_mb"] = SOFT_LIMIT_SHARE * values["memory_limit_mb"]
         values.setdefault("litert_threads", available_cpus())

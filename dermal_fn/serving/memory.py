@@ -221,3 +221,32 @@ def available_cpus(*, quota: float | None = None, affinity: int | None = None) -
     if quota is not None:
         return max(1, min(affinity, math.ceil(quota)))
     return max(1, affinity)
+
+
+def cgroup_charge_mb(*, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
+    """What this process's cgroup is charged for, in MB, less the page cache it could drop.
+
+    v2 ``memory.current`` less ``inactive_file`` of ``memory.stat``; v1 ``memory.usage_in_bytes`` less
+    ``total_inactive_file``. Files in an in-memory file system (``/tmp`` on Cloud Functions and
+    Cloud Run) are shared memory, not file cache: they stay in the charge, as the kernel's OOM
+    killer counts them. None when no cgroup says.
+    """
+    for folder in cgroup_dirs("memory", root=root, proc_cgroup=proc_cgroup):
+        for usage_name, inactive_name in (
+            ("memory.current", "inactive_file"),
+            ("memory.usage_in_bytes", "total_inactive_file"),
+        ):
+            usage = _read(folder / usage_name)
+            if usage is None:
+                continue
+            try:
+                charged = int(usage)
+            except ValueError:
+                continue
+            stat = _read(folder / "memory.stat") or ""
+            for line in stat.splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_name and value.strip().isdigit():
+                    charged -= int(value)
+            return max(0, charged) / MIB
+    return None

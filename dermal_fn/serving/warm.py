@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("model not warmed", extra={"json_fields": {"error": str(exc)}})
         return 2
-    from dermal_fn.serving.service import ModelHolder
+    from dermal_fn.serving.holder import ModelHolder
 
     holder = ModelHolder(settings)
     try:

@@ -56,8 +56,6 @@ def _predict(args: argparse.Namespace) -> int:
     from dermal_fn.serving.service import Service
 
     settings = dataclasses.replace(Settings.from_env(), model_uri=args.model)
-    if args.no_gradcam:
-        settings = dataclasses.replace(settings, enable_gradcam=False)
     options = PredictOptions.parse(
         {
             "top_k": args.top_k,

@@ -1,0 +1,74 @@
+"""Responses: the one table from errors to statuses, JSON bodies, and the headers every answer carries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import flask
+
+from dermal_fn import errors
+from dermal_fn.serving.shapes import ErrorBody, ErrorJson
+
+# error class -> (status, code); looked up along the class's MRO, most specific first
+ERROR_TABLE: dict[type[errors.DermalError], tuple[int, str]] = {
+    errors.InvalidRequest: (400, "invalid_request"),
+    errors.InvalidImage: (400, "invalid_image"),
+    errors.Unauthorized: (401, "unauthorized"),
+    errors.RequestTimeout: (408, "request_timeout"),
+    errors.NotFound: (404, "not_found"),
+    errors.MethodNotAllowed: (405, "method_not_allowed"),
+    errors.ImageTooLarge: (413, "image_too_large"),
+    errors.PayloadTooLarge: (413, "payload_too_large"),
+    errors.UnsupportedMediaType: (415, "unsupported_media_type"),
+    errors.InvalidOption: (422, "invalid_option"),
+    errors.RequestError: (400, "invalid_request"),
+    errors.ModelUnavailable: (503, "model_unavailable"),
+    errors.Overloaded: (503, "overloaded"),
+    errors.InsufficientMemory: (503, "insufficient_memory"),
+    errors.ServiceUnavailable: (503, "unavailable"),
+    errors.ConfigError: (503, "misconfigured"),
+    errors.DermalError: (500, "internal_error"),
+}
+
+
+def status_for(exc: errors.DermalError) -> tuple[int, str]:
+    """The HTTP status and error code for an exception, from ERROR_TABLE."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return 500, "internal_error"
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> flask.Response:
+    """A JSON response with no caching (answers are about private photos)."""
+    response = flask.Response(json.dumps(body, allow_nan=False), status=status, mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def error_response(
+    exc: errors.DermalError, *, request_id: str | None = None, show_detail: bool = False
+) -> flask.Response:
+    """The contract's error body with its status (and Retry-After for 503, Allow for 405).
+
+    The body carries the code, the public message and the request id; ``exc.detail`` (storage paths,
+    endpoints, the cause's text) only for a caller who showed the API key, never to anonymous ones.
+    """
+    status, code = status_for(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, errors.ServiceUnavailable):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, errors.MethodNotAllowed) and exc.allowed:
+        headers["Allow"] = ", ".join(exc.allowed)
+    if isinstance(exc, errors.Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="dermal-fn"'
+    error = ErrorJson(code=code, message=str(exc))
+    if request_id is not None:
+        error["request_id"] = request_id
+    if show_detail and exc.detail:
+        error["detail"] = exc.detail
+    return json_response(ErrorBody(error=error), status, headers)
