@@ -1,4 +1,4 @@
-"""Issue 11's table against EfficientNetV2-S @384, served as render.yaml serves it, in a real 512 MiB cgroup.
+"""The hardening table against EfficientNetV2-S @384, served as render.yaml serves it, in a real 512 MiB cgroup.
 
     python -m bench.hostile [--model bench/out/effnetv2s_384_none.dermal] [--repeat 3] [--json OUT] [--repo DIR]
 

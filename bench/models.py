@@ -21,7 +21,15 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 7
-LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # HAM10000's seven classes, the seed's
+LABELS = (
+    "akiec",
+    "bcc",
+    "bkl",
+    "df",
+    "mel",
+    "nv",
+    "vasc",
+)  # HAM10000's seven classes, the original Django app's
 QUANTIZATIONS = ("none", "fp16", "int8-dynamic")
 SEED = 0
 

@@ -1,4 +1,4 @@
-"""The benchmark's verdicts (issue 5 targets) and its Markdown report."""
+"""The benchmark's verdicts against its targets and its Markdown report."""
 
 from __future__ import annotations
 
@@ -253,7 +253,7 @@ def markdown(results: dict[str, Any], *, plot: Path | None = None) -> str:
                 f" | {gc.get('ok', 0)} / {gc.get('skipped', 0)} | {_f(run['peak_rss_mb'])} | {_f(run['cgroup_peak_mb'])}"
                 f" | {_f(load['p50_ms'])} / {_f(load['p95_ms'])} | {'PASS' if run['ok'] else 'FAIL'} |"
             )
-    lines += ["", "Targets (issue 5):", "", "| target | measured | verdict |", "|---|---:|---|"]
+    lines += ["", "Targets:", "", "| target | measured | verdict |", "|---|---:|---|"]
     for t in results["targets"]:
         measured = "–" if t.get("measured") is None else f"{t['measured']:g} {t.get('unit', '')}".strip()
         lines.append(f"| {t['target']} | {measured} | {t['note']} |")

@@ -1,6 +1,6 @@
 """dermal-fn: a Keras skin-image classifier with Grad-CAM, served without TensorFlow.
 
-``predict_skin_with_explanation`` keeps the seed's Django-module signature. The rest is in layers
+``predict_skin_with_explanation`` keeps the signature of the original Django app's module. The rest is in layers
 whose folders say what the 512 MB worker may load: ``core`` (no TensorFlow, no settings),
 ``serving`` (configuration, the service, HTTP), ``keras`` (everything that needs TensorFlow),
 ``tools`` (the command line) and ``demo``; imports go down only (tests/test_layers.py).
@@ -17,7 +17,7 @@ def predict_skin_with_explanation(
 ) -> tuple[list[dict[str, object]], str | None]:
     """Classify a photo: ``([{"class": label, "probability": percent}, ...], heatmap_png_base64 | None)``.
 
-    The seed's return shape: results most probable first (at most ``top_k``, at most the number of
+    The original Django app's return shape: results most probable first (at most ``top_k``, at most the number of
     classes), probabilities in percent; the heatmap is the overlay PNG as base64, or ``None`` when
     Grad-CAM is disabled (argument, else ``ENABLE_GRADCAM``) or skipped under memory pressure.
     Uses the process's model (``MODEL_URI``), loaded on first use.

@@ -166,6 +166,11 @@ def check_sha256_pin(digests: Digests, expected_sha256: str | None, *, source: s
         )
 
 
+def path_sha256(path: Path) -> str:
+    """A file's SHA-256; for a folder (a SavedModel), :func:`folder_sha256`."""
+    return folder_sha256(path) if path.is_dir() else file_digests(path).sha256
+
+
 def folder_sha256(folder: Path) -> str:
     """SHA-256 over each file's path relative to ``folder`` and its SHA-256, in sorted order (a SavedModel)."""
     outer = hashlib.sha256()

@@ -39,6 +39,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         close_quietly_at_exit(logging.getLogger("tests.litert"))
 
 
+# fixtures that start real processes: a test that uses one is ``slow`` (and bounded like every test)
+PROCESS_FIXTURES = frozenset({"server_factory", "page_servers", "fake_gcs", "fresh_fake_gcs", "server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts a real server or the storage emulator ``slow``."""
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # --- models ----------------------------------------------------------------------------------------
 
 
@@ -102,7 +113,7 @@ def dermal_app() -> flask.Flask:
 def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
     """``configure(MODEL_URI=..., ENABLE_GRADCAM="false", ...)``: set env vars, reset the service singleton.
 
-    Every variable of the contract not given is removed, so tests do not leak settings into each
+    Every variable the service reads and the test does not give is removed, so tests do not leak settings into each
     other; the singleton is reset again at teardown.
     """
     from dermal_fn.serving.service import reset_service

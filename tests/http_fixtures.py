@@ -41,6 +41,7 @@ from PIL import Image
 
 from bench.procs import cpu_seconds
 from dermal_fn.serving.config import environment_variables
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -242,8 +243,8 @@ class ServerProcess:
         ``/health`` starts loading the model; poll ``/memory`` (or ``/openapi.json``) to wait for
         the server without warming it.
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def answers() -> bool:
             if not self.running:
                 code = self.process.returncode if self.process is not None else None
                 raise RuntimeError(
@@ -252,15 +253,20 @@ class ServerProcess:
                 )
             try:
                 self.request("GET", path, timeout_s=2.0)
-                return
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"expected the server to answer GET {path} within {timeout_s:g} s, found no answer; "
-                    f"log:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(answers, timeout_s=timeout_s, what=f"an answer to GET {path}", describe=self.log_tail)
+
+    def wait_loaded(self, *, timeout_s: float = 60.0) -> None:
+        """Poll ``/health`` (which starts the load) until the model is loaded."""
+        wait_until(
+            lambda: self.get_json("/health", timeout_s=5.0)[1].get("model_loaded"),
+            timeout_s=timeout_s,
+            what="the model to load",
+            describe=self.log_tail,
+        )
 
     def stop(self) -> None:
         """Stop the server's whole process group (SIGTERM: gunicorn's graceful stop; SIGKILL after 5 s)."""

@@ -7,7 +7,6 @@ import platform
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from dermal_fn.serving import memory
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.holder import ModelHolder
 from dermal_fn.serving.service import Service, get_service, reset_service
+from tests.waiting import FakeClock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -319,16 +319,21 @@ def test_a_refused_demo_is_model_unavailable_with_the_fix_in_the_message() -> No
 
 def test_requests_after_a_failed_load_do_not_fetch_again_until_the_backoff_passes(tmp_path: Path) -> None:
     missing = tmp_path / "model.dermal"
-    holder = ModelHolder(Settings(model_uri=str(missing), model_retry_s=0.3))
+    clock = FakeClock()
+    holder = ModelHolder(Settings(model_uri=str(missing), model_retry_s=0.3), clock=clock)
     for _ in range(6):
         with pytest.raises(ModelUnavailable) as refused:
             holder.get()
         assert refused.value.retry_after_s == 1
-    assert holder.attempts == 1  # six requests, one attempt (the seed: one fetch each)
-    time.sleep(0.35)
+    assert holder.attempts == 1  # six requests, one attempt (a fetch each would hammer storage)
+    clock.advance(0.29)
     with pytest.raises(ModelUnavailable):
         holder.get()
-    assert holder.attempts == 2 and 0.3 < holder.retry_in() <= 0.6  # the backoff doubled
+    assert holder.attempts == 1  # still inside the backoff
+    clock.advance(0.02)
+    with pytest.raises(ModelUnavailable):
+        holder.get()
+    assert holder.attempts == 2 and holder.retry_in() == pytest.approx(0.6)  # the backoff doubled
 
 
 def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
@@ -342,7 +347,7 @@ def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     dead_pid = int(dead.stdout)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         (tmp_path / f"abc.{live.pid}.loading").write_text("")  # another server loading it right now
         with CrashMarker(tmp_path, key="abc") as marker:  # not a crash: it loads
@@ -357,7 +362,7 @@ def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
             pass
     finally:
         live.kill()
-        live.wait()
+        live.communicate()
 
 
 # --- the allocator ---------------------------------------------------------------------------------

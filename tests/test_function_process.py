@@ -20,6 +20,7 @@ import pytest
 from dermal_fn.serving import memory
 from tests.gcs_emulator import FakeGCS
 from tests.http_fixtures import ServerProcess, jpeg_bytes
+from tests.waiting import wait_until
 
 OBJECT = "models/skin.dermal"
 JPEG = jpeg_bytes(width=160, height=120, seed=5)
@@ -41,12 +42,17 @@ def gcs_env(gcs: FakeGCS, bucket: str, cache: Path, **extra: str) -> dict[str, s
 
 
 def wait_for_retry(server: ServerProcess) -> None:
-    """Sleep out the failed load's backoff (Retry-After of /health), checking it is short and said."""
+    """Wait out the failed load's backoff (Retry-After of /health), checking it is short and said.
+
+    /health answers 503 until a load succeeds, retries included: the backoff is over when the
+    Retry-After it gives has been reached, which a real server's clock decides.
+    """
     status, health = server.get_json("/health")
     assert status == 503 and health["model_state"] == "error"
     retry = health["error"]["retry_after_s"]
     assert 1 <= retry <= 2
-    time.sleep(retry + 0.2)
+    retry_at = time.monotonic() + retry
+    wait_until(lambda: time.monotonic() >= retry_at, timeout_s=retry + 1, what="the backoff to pass")
 
 
 def emulator_downloads(gcs: FakeGCS, bucket: str) -> int:
@@ -61,14 +67,6 @@ def records(server: ServerProcess, *, logger: str, message_prefix: str) -> list[
         for r in server.logs()
         if r.get("logger") == logger and str(r.get("message", "")).startswith(message_prefix)
     ]
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {what} within {timeout_s:g} s")
-        time.sleep(0.05)
 
 
 def test_eight_concurrent_first_requests_download_once(

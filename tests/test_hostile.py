@@ -22,6 +22,7 @@ from dermal_fn.models import DEMO_BUNDLE
 from dermal_fn.serving.service import get_service
 from tests import hostile_fixtures as hf
 from tests.http_fixtures import read_response, send_until_answered
+from tests.waiting import wait_until
 
 LIMIT_BYTES = 1024 * 1024  # MAX_UPLOAD_MB=1 in these tests
 JPEG = hf.jpeg(size=96)
@@ -36,7 +37,7 @@ def client(small_bundle: Path) -> Iterator[Any]:
 
 
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    """The contract's error body, exactly: status, JSON, {"error": {"code", "message", "request_id"}}."""
+    """The API's error body, exactly: status, JSON, {"error": {"code", "message", "request_id"}}."""
     assert response.status_code == status, response.get_data(as_text=True)[:300]
     assert response.mimetype == "application/json"
     body = response.get_json()
@@ -360,10 +361,10 @@ def test_full_queue_gives_503_overloaded_and_health_still_answers(
                 waiter = threading.Thread(
                     target=lambda: test_client.post("/predict", data=JPEG, content_type="image/jpeg")
                 )
-                deadline = time.monotonic() + 5
                 waiter.start()
-                while gate.admitted < 1 and time.monotonic() < deadline:
-                    time.sleep(0.005)
+                wait_until(
+                    lambda: gate.admitted >= 1, timeout_s=5, what="the waiter admitted", interval_s=0.005
+                )
             response = test_client.post("/predict", data=JPEG, content_type="image/jpeg")
             body = assert_error(response, 503, "overloaded")
             assert response.headers["Retry-After"] == "2"
@@ -528,9 +529,7 @@ def test_a_slow_model_load_never_takes_every_thread_from_health(small_bundle: Pa
             threads = [threading.Thread(target=call) for _ in range(12)]
             for thread in threads:
                 thread.start()
-            deadline = time.monotonic() + 5
-            while len(statuses) < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: len(statuses) >= 3, timeout_s=5, what="three refusals", interval_s=0.01)
             assert sorted(statuses) == [503, 503, 503]  # refused at once: the house is full
             assert get_service().gate.admitted == 9
             health = test_client.get("/health")

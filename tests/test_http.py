@@ -1,7 +1,7 @@
 """The HTTP contract through ``functions_framework.create_app(target="dermal", source="main.py")``.
 
 Request forms, every option from query, form and JSON, the 200 body's exact shape, /health,
-/memory, ENABLE_GRADCAM, the memory-pressure skip, 405s, and the seed's Python function.
+/memory, ENABLE_GRADCAM, the memory-pressure skip, 405s, and the original Django app's Python function.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import base64
 import hashlib
 import io
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,10 @@ from PIL import Image
 
 import dermal_fn
 from dermal_fn.core import bundle as bundle_format
+from dermal_fn.serving.config import Settings
+from dermal_fn.serving.service import reset_service
 from tests.http_fixtures import jpeg_bytes, png_bytes
+from tests.waiting import FakeClock, wait_until
 
 PHOTO_W, PHOTO_H = 200, 120  # not square: the overlay must keep the photo's aspect
 JPEG = jpeg_bytes(width=PHOTO_W, height=PHOTO_H, seed=3)
@@ -67,7 +69,7 @@ def post_json(client: Client, data: bytes, keys: dict[str, Any] | None = None, q
 
 
 def check_body(body: dict[str, Any], bundle: Path, *, top_k: int = 3) -> None:
-    """The contract's 200 body, exactly."""
+    """The 200 body of POST /predict, exactly."""
     labels = labels_of(bundle)
     assert set(body) == {"model", "predictions", "gradcam", "timing_ms", "assessment"}
     assert body["model"] == {
@@ -373,12 +375,11 @@ def test_soft_limit_defaults_to_90_percent_of_the_limit(
 
 
 def wait_for_state(client: Client, wanted: str, *, timeout_s: float = 30.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def reached() -> dict[str, Any] | None:
         body: dict[str, Any] = client.get("/health").get_json()
-        if body["model_state"] == wanted or time.monotonic() > deadline:
-            return body
-        time.sleep(0.02)
+        return body if body["model_state"] == wanted else None
+
+    return wait_until(reached, timeout_s=timeout_s, what=f"model_state {wanted!r}", interval_s=0.02)
 
 
 @pytest.mark.parametrize("path", ["/health", "/health/"])
@@ -409,6 +410,8 @@ def test_health_reports_a_failed_load_and_predict_retries(
 ) -> None:
     missing = tmp_path / "later.dermal"
     configure(MODEL_URI=str(missing), MODEL_RETRY_S="0.5")
+    clock = FakeClock()
+    reset_service(Settings.from_env(), clock=clock)
     response = post_raw(client, JPEG)
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"  # the backoff, rounded up
@@ -426,7 +429,7 @@ def test_health_reports_a_failed_load_and_predict_retries(
     assert body["error"]["retry_after_s"] == 1
     missing.write_bytes(test_bundle.read_bytes())  # the model appears
     assert post_raw(client, JPEG).status_code == 503  # still within the backoff: answered at once
-    time.sleep(0.6)
+    clock.advance(0.6)
     assert post_raw(client, JPEG).status_code == 200  # after it, the next request tries again
     assert client.get("/health").get_json()["model_state"] == "loaded"
 
@@ -488,7 +491,7 @@ def test_unknown_route_is_404_json(client: Client, served: Path) -> None:
     assert response.get_json()["error"]["code"] == "not_found"
 
 
-# --- the seed's Python function ----------------------------------------------------------------------
+# --- the original Django app's Python function -------------------------------------------------------
 
 
 def test_predict_skin_with_explanation_has_the_seed_shape(configure: Configure, test_bundle: Path) -> None:

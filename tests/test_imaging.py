@@ -161,7 +161,7 @@ def test_large_jpeg_is_decoded_reduced_but_not_below_min_side() -> None:
     assert 512 <= min(decoded.rgb.size) < 1600
 
 
-# --- uploads built to expand (issue 11's table), each decoded in a fresh process ------------------------
+# --- uploads built to expand (the hardening table), each decoded in a fresh process ------------------------
 
 PEAK_SCRIPT = """
 import json, sys
@@ -181,7 +181,7 @@ data = Path(sys.argv[1]).read_bytes()
 imaging.decode(Path(sys.argv[2]).read_bytes())  # plugins loaded, allocator warm
 before = hwm_mb()
 outcome = "decoded"
-if sys.argv[3] == "naive":  # what the seed did: decode at full size, convert, float copies
+if sys.argv[3] == "naive":  # what the original Django app did: decode at full size, convert, float copies
     import numpy as np
     from PIL import Image
     import io
@@ -237,7 +237,7 @@ def test_expanding_upload_stays_within_its_buffer(tmp_path: Path, name: str) -> 
 
 
 def test_the_peak_harness_sees_a_naive_decode(tmp_path: Path) -> None:
-    """The oracle for the bounds above: the seed's way of decoding the same RGBA upload peaks far higher."""
+    """The oracle for the bounds above: the original Django app's way of decoding the same RGBA upload peaks far higher."""
     naive = decode_peak(tmp_path, hf.expanding_images()["rgba_png"], how="naive")
     ours = decode_peak(tmp_path, hf.expanding_images()["rgba_png"])
     assert naive["peak_mb"] > 3 * ours["peak_mb"], (naive, ours)

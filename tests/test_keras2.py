@@ -1,4 +1,4 @@
-"""Issue 12: the Keras classifiers people have — Keras 2 files, Teachable Machine, ImageNet preprocessing.
+"""The Keras classifiers people have — Keras 2 files, Teachable Machine, ImageNet preprocessing.
 
 Every file is built here with tf-keras (seeded, small, BatchNorm statistics randomised so the answers
 vary), exported through the real command line in a fresh process, and the bundle is checked against

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import signal
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -135,13 +134,8 @@ def page_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         servers.append(server)
         server.start()
         server.wait_ready(path="/health")  # the first /health starts loading the model
-        deadline = time.monotonic() + 60
-        while wait_for_model:
-            if server.get_json("/health")[1].get("model_loaded"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"expected the model to load within 60 s; log:\n{server.log_tail()}")
-            time.sleep(0.05)
+        if wait_for_model:
+            server.wait_loaded()
         return server
 
     try:
@@ -560,7 +554,7 @@ def test_unavailable_model_is_reported_on_load_and_on_upload(
     assert tab.errors(expected_status=503) == []
 
 
-# --- the assessment beside the answer (issue 13) ---------------------------------------------------------
+# --- the assessment beside the answer ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

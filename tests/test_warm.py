@@ -22,7 +22,7 @@ from tests.test_function_process import OBJECT, StartServer, emulator_downloads,
 
 
 def warm(env: dict[str, str]) -> tuple[int, list[dict[str, Any]]]:
-    """Run the warm command with ``env`` (and nothing of the contract from this process); its records."""
+    """Run the warm command with ``env`` (and none of this process's settings); its records."""
     base = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
     done = subprocess.run(
         [sys.executable, "-m", "dermal_fn.serving.warm"],

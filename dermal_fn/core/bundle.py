@@ -28,6 +28,7 @@ import numpy as np
 from dermal_fn.core.head import Head
 from dermal_fn.core.imaging import INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.core.trust import Calibration
+from dermal_fn.core.units import MIB
 from dermal_fn.errors import BundleError
 
 FORMAT = "dermal-fn-bundle"
@@ -36,8 +37,6 @@ TFLITE_IDENTIFIER = b"TFL3"
 MANIFEST = "manifest.json"
 HEAD_ARRAYS = "head.npz"
 CALIBRATION_ARRAYS = "calibration.npz"  # present in calibrated bundles only
-SUFFIX = ".dermal"
-MIB = 1024 * 1024
 MAX_MANIFEST_BYTES = 1 * MIB
 MAX_HEAD_BYTES = 256 * MIB  # a Dense over a 12x12x1280 Flatten is 150 MB in float64
 

@@ -17,11 +17,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from dermal_fn.core.units import MIB
 from dermal_fn.errors import ImageTooLarge, InsufficientMemory, InvalidImage, UnsupportedMediaType
 
 InputScale = Literal["raw", "unit", "symmetric"]
 INPUT_SCALES: tuple[InputScale, ...] = ("raw", "unit", "symmetric")
-ResizeMethod = Literal["bilinear", "nearest", "bicubic", "area"]
 RESIZE_METHODS: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -29,9 +29,7 @@ RESIZE_METHODS: dict[str, Image.Resampling] = {
     "area": Image.Resampling.BOX,
 }
 
-DECODABLE = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 24_000_000
-MIB = 1024 * 1024
 # the decoder's buffer at its largest: 24 MP in RGB/RGBA/float (four bytes a pixel in Pillow)
 DEFAULT_MAX_DECODE_BYTES = 100 * MIB
 # peak of a decode over its buffer: the full buffer, its reduced copy, the conversions of that copy

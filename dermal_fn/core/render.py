@@ -1,6 +1,6 @@
 """Rendering a Grad-CAM grid: upsample, colour map, blend on the photo, encode as PNG.
 
-Two pictures: :func:`overlay` (the photo with the heatmap blended on it, the contract's
+Two pictures: :func:`overlay` (the photo with the heatmap blended on it, the HTTP API's
 ``overlay_png``) and :func:`heatmap` (the coloured heatmap alone, its blend weight as alpha, as an
 8-bit palette PNG: a client lays it over the photo it already has and sees the same picture).
 
@@ -15,7 +15,6 @@ import io
 import numpy as np
 from PIL import Image
 
-OVERLAY_MAX_SIDE = 512
 MAX_ALPHA = 0.6
 
 

@@ -139,8 +139,10 @@ def train(
     train_set = generate_batch(n_train, seed=data_seed(seed, _TRAIN_STREAM), size=size)
     validation_set = generate_batch(n_validation, seed=data_seed(seed, _VALIDATION_STREAM), size=size)
     logger.info(
-        "generated data",
-        extra={"n_train": n_train, "n_validation": n_validation, "seconds": _since(started)},
+        "generated data: %d training and %d validation images (%.1f s)",
+        n_train,
+        n_validation,
+        _since(started),
     )
 
     model = build_model(size, len(LABELS), seed)
@@ -153,7 +155,7 @@ def train(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    logger.info("built model", extra={"parameters": int(model.count_params())})
+    logger.info("built model: %d parameters", int(model.count_params()))
 
     for epoch in range(epochs):
         rng = np.random.default_rng([seed, _TRAIN_STREAM, epoch])
@@ -168,13 +170,12 @@ def train(
             verbose=0,
         )
         logger.info(
-            "epoch done",
-            extra={
-                "epoch": epoch + 1,
-                "loss": round(float(history.history["loss"][-1]), 4),
-                "accuracy": round(float(history.history["accuracy"][-1]), 4),
-                "seconds": _since(started),
-            },
+            "epoch %d/%d: loss %.4f, accuracy %.4f (%.1f s)",
+            epoch + 1,
+            epochs,
+            float(history.history["loss"][-1]),
+            float(history.history["accuracy"][-1]),
+            _since(started),
         )
     accuracy = _accuracy(model, validation_set.images, validation_set.labels)
 
@@ -187,12 +188,7 @@ def train(
     inference_model.save(model_path)
     (out / LABELS_FILENAME).write_text("".join(f"{label}\n" for label in LABELS), encoding="utf-8")
     logger.info(
-        "trained",
-        extra={
-            "model_path": str(model_path),
-            "validation_accuracy": round(accuracy, 4),
-            "seconds": _since(started),
-        },
+        "trained %s: validation accuracy %.4f (%.1f s)", model_path, round(accuracy, 4), _since(started)
     )
     return model_path
 
@@ -360,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pointing:
         summary["pointing_game"] = round(pointing_game(model_path, n=args.pointing), 4)
     summary["seconds"] = _since(started)
-    logger.info("summary", extra=summary)
+    logger.info("summary: %s", json.dumps(summary))
     return 0
 
 

@@ -18,20 +18,26 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from dermal_fn.core import bundle as bundle_format
-from dermal_fn.core.engine import Engine, LiteRTEngine, litert_runtime
+from dermal_fn.core.engine import LiteRTEngine
 from dermal_fn.core.head import Head
 from dermal_fn.core.imaging import INPUT_PRESETS, INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.errors import ExportError
+from dermal_fn.keras.verify import (
+    QUANTIZATIONS,
+    Quantization,
+    Verification,
+    refusals,
+    verification_inputs,
+    verify,
+)
+from model_fetch.digest import path_sha256
 
 logger = logging.getLogger(__name__)
-
-Quantization = Literal["none", "fp16", "int8-dynamic", "int8"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("none", "fp16", "int8-dynamic", "int8")
 
 
 @dataclass(frozen=True)
@@ -82,65 +88,6 @@ def _triple(values: Sequence[float]) -> tuple[float, float, float]:
 
 # given the model's input (height, width), the int8 calibration inputs
 CalibrationSource = Callable[[tuple[int, int]], Sequence[np.ndarray]]
-
-PROBABILITY_TOLERANCE = 1e-4
-HEATMAP_TOLERANCE = 1e-3
-# probability-score heatmaps are checked against TensorFlow only for min(p, 1 - p) above this
-PROBABILITY_SCORE_MIN = 1e-3
-
-
-@dataclass(frozen=True)
-class Verification:
-    """How the written bundle compares with TensorFlow on the verification inputs."""
-
-    inputs: int
-    max_probability_diff: float  # bundle end to end vs the Keras model
-    max_heatmap_diff: float
-    top1_agreement: float
-    head_max_probability_diff: float  # NumPy head vs Keras head on the bundle's own feature map
-    head_max_heatmap_diff: float
-    # the LiteRT that ran the bundle here: serving on the same runtime, with the backbone's CRC-32
-    # intact, need not run it on a zero image again at load (dermal_fn.core.engine.LiteRTEngine)
-    runtime: str = ""
-
-    def as_json(self) -> dict[str, float | int | str]:
-        """Plain data for the manifest."""
-        return {k: (round(v, 9) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-def _sha256(path: Path) -> str:
-    """A file's SHA-256; for a SavedModel folder, over each file's relative path and SHA-256, sorted."""
-    from model_fetch.digest import file_digests, folder_sha256
-
-    return folder_sha256(path) if path.is_dir() else file_digests(path).sha256
-
-
-def verification_inputs(
-    size: tuple[int, int],
-    scale: InputScale,
-    *,
-    count: int = 4,
-    seed: int = 0,
-    normalization: Normalization | None = None,
-) -> list[np.ndarray]:
-    """Smooth random images in the model's input range (seeded), shape (1, h, w, 3) float32."""
-    from PIL import Image
-
-    from dermal_fn.core.imaging import model_input
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        coarse = rng.uniform(0, 255, size=(8, 8, 3)).astype(np.uint8)
-        image = Image.fromarray(coarse, mode="RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        noise = rng.normal(0, 12, size=(size[0], size[1], 3))
-        pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
-        out.append(
-            model_input(
-                Image.fromarray(pixels, mode="RGB"), size=size, scale=scale, normalization=normalization
-            )
-        )
-    return out
 
 
 def convert_backbone(
@@ -217,65 +164,6 @@ def check_integer_backbone(flatbuffer: bytes) -> None:
         raise ExportError(f"expected an integer-only backbone, found float ops {sorted(set(float_ops))}")
 
 
-def verify(
-    bundle_engine: LiteRTEngine,
-    keras_engine: Engine,
-    inputs: Sequence[np.ndarray],
-) -> Verification:
-    """Compare the bundle with TensorFlow: end to end, and head-only on the bundle's feature map."""
-    import tensorflow as tf
-
-    from dermal_fn.core.gradcam import grad_cam
-    from dermal_fn.keras.reference import KerasEngine
-
-    assert isinstance(keras_engine, KerasEngine)
-    tape_head = keras_engine.tape_head
-    max_p = max_h = head_p = head_h = 0.0
-    agree = 0
-    n_classes = len(bundle_engine.info.labels)
-    for pixels in inputs:
-        ours = bundle_engine.run(pixels, score="logit")
-        ref = keras_engine.run(pixels, class_index=ours.class_index, score="logit")
-        assert ours.grid is not None and ref.grid is not None
-        max_p = max(max_p, float(np.max(np.abs(ours.probabilities - ref.probabilities))))
-        max_h = max(max_h, float(np.max(np.abs(ours.grid - ref.grid))))
-        agree += int(np.argmax(ours.probabilities) == np.argmax(ref.probabilities))
-        features = bundle_engine.feature_map(pixels)
-        for score in ("logit", "probability"):
-            for class_index in sorted({ours.class_index, (ours.class_index + 1) % n_classes}):
-                mine = bundle_engine.head.forward(features)
-                p = float(mine.probabilities[class_index])
-                if score == "probability" and min(p, 1.0 - p) < PROBABILITY_SCORE_MIN:
-                    # dp/dz = p (1 - p): TensorFlow's float32 1 - p near 0 or 1 is rounding noise
-                    # (measured: 0.2 % error on the gradient at p = 0.99999), no reference to check
-                    continue
-                grad = bundle_engine.head.backward(
-                    mine,
-                    bundle_engine.head.score_gradient(mine, class_index=class_index, score=score),
-                )
-                tensor = tf.convert_to_tensor(features)
-                with tf.GradientTape() as tape:
-                    tape.watch(tensor)
-                    logits = tape_head.logits(tensor)
-                    probs = tape_head.probabilities(logits)
-                    value = tape_head.score(logits, probs, class_index=class_index, score=score)
-                tf_grad = tape.gradient(value, tensor).numpy()
-                head_p = max(head_p, float(np.max(np.abs(mine.probabilities - probs.numpy()[0]))))
-                head_h = max(
-                    head_h,
-                    float(np.max(np.abs(grad_cam(features, grad) - grad_cam(features, tf_grad)))),
-                )
-    return Verification(
-        inputs=len(inputs),
-        max_probability_diff=max_p,
-        max_heatmap_diff=max_h,
-        top1_agreement=agree / max(len(inputs), 1),
-        head_max_probability_diff=head_p,
-        head_max_heatmap_diff=head_h,
-        runtime=litert_runtime(),
-    )
-
-
 @dataclass(frozen=True)
 class Loaded:
     """Step 1: the Keras model read and split, with its labels."""
@@ -310,7 +198,7 @@ def load(
         raise ExportError(f"expected a Keras model at {model_path}, found nothing")
     keras_engine = KerasEngine(
         model_path,
-        sha256=_sha256(model_path),
+        sha256=path_sha256(model_path),
         layer=layer,
         input_scale=spec.scale,
         resize=spec.resize,
@@ -370,33 +258,12 @@ def manifest_for(
     )
 
 
-def refusals(report: Verification, *, quantize: Quantization) -> list[str]:
-    """Step 3's verdict: why this bundle must not be written (empty: it may)."""
-    problems = []
-    if (
-        report.head_max_probability_diff > PROBABILITY_TOLERANCE
-        or report.head_max_heatmap_diff > HEATMAP_TOLERANCE
-    ):
-        problems.append(
-            f"the NumPy head differs from Keras (|Δp| {report.head_max_probability_diff:.2e}, "
-            f"|Δheatmap| {report.head_max_heatmap_diff:.2e})"
-        )
-    if quantize == "none" and (
-        report.max_probability_diff > PROBABILITY_TOLERANCE or report.max_heatmap_diff > HEATMAP_TOLERANCE
-    ):
-        problems.append(
-            f"the bundle differs from Keras end to end (|Δp| {report.max_probability_diff:.2e} > "
-            f"{PROBABILITY_TOLERANCE:g} or |Δheatmap| {report.max_heatmap_diff:.2e} > {HEATMAP_TOLERANCE:g})"
-        )
-    return problems
-
-
 def verify_or_refuse(
     staging: Path, loaded: Loaded, *, quantize: Quantization, spec: InputSpec, count: int
 ) -> Verification:
     """Step 3: serve the staged bundle with LiteRT, compare it with Keras; ExportError if it disagrees."""
     split_ = loaded.split
-    engine = LiteRTEngine(staging, sha256=_sha256(staging), num_threads=min(os.cpu_count() or 1, 4))
+    engine = LiteRTEngine(staging, sha256=path_sha256(staging), num_threads=min(os.cpu_count() or 1, 4))
     try:
         inputs = verification_inputs(
             split_.input_size, spec.scale, count=count, normalization=spec.normalization

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import psutil
 
+from dermal_fn.core.units import MIB
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
-MIB = 1024 * 1024
 _UNLIMITED_V1 = 1 << 60  # cgroup v1 writes a huge number (page-rounded 2**63 - 1) for "no limit"
 _CONTROLLER_DIRS = {
     "memory": ("memory",),

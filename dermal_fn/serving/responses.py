@@ -53,7 +53,7 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
 def error_response(
     exc: errors.DermalError, *, request_id: str | None = None, show_detail: bool = False
 ) -> flask.Response:
-    """The contract's error body with its status (and Retry-After for 503, Allow for 405).
+    """The API's error body with its status (and Retry-After for 503, Allow for 405).
 
     The body carries the code, the public message and the request id; ``exc.detail`` (storage paths,
     endpoints, the cause's text) only for a caller who showed the API key, never to anonymous ones.

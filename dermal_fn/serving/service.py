@@ -227,12 +227,14 @@ def get_service() -> Service:
         return _SERVICE
 
 
-def reset_service(settings: Settings | None = None) -> Service | None:
+def reset_service(
+    settings: Settings | None = None, *, clock: Callable[[], float] = time.monotonic
+) -> Service | None:
     """Drop the process's service (tests, or a config reload); optionally install a new one."""
     global _SERVICE
     with _SERVICE_LOCK:
         old = _SERVICE
-        _SERVICE = Service(settings) if settings is not None else None
+        _SERVICE = Service(settings, clock=clock) if settings is not None else None
     if old is not None:
         old.holder.close()
     return _SERVICE

@@ -25,11 +25,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dermal_fn.errors import DermalError, InvalidImage, UnsupportedMediaType
+from dermal_fn.tools.folders import image_files
+from model_fetch.digest import path_sha256
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from dermal_fn.core.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +123,7 @@ class Summary:
     min_heatmap_iou: float
 
 
-def image_files(folder: str | Path, *, limit: int | None = None) -> list[Path]:
-    """The files of a folder (recursively, sorted, hidden ones left out), at most ``limit``."""
-    root = Path(folder)
-    if not root.exists():
-        raise FileNotFoundError(f"expected --images to be a folder of images, found nothing at {root}")
-    if not root.is_dir():
-        raise NotADirectoryError(f"expected --images to be a folder of images, found a file: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise InvalidImage(f"expected images in {root}, found an empty folder")
-    return files[:limit] if limit else files
-
-
-def decoded_images(files: Sequence[Path], *, min_side: int) -> Iterator[tuple[Path, Any]]:
+def decoded_images(files: Sequence[Path], *, min_side: int) -> Iterator[tuple[Path, Image.Image]]:
     """(path, RGB image) for each decodable file; the others are logged and left out."""
     from dermal_fn.core.imaging import decode
 
@@ -140,29 +134,23 @@ def decoded_images(files: Sequence[Path], *, min_side: int) -> Iterator[tuple[Pa
             logger.warning("skipping %s: %s", path.name, exc)
 
 
-def _sha256(path: Path) -> str:
-    from model_fetch.digest import file_digests
-
-    return file_digests(path).sha256
-
-
-def open_engine(path: str | Path, *, num_threads: int = 1) -> Any:
+def open_engine(path: str | Path, *, num_threads: int = 1) -> Engine:
     """A bundle or ``.keras`` file as an engine, with a clear error for anything else."""
     from dermal_fn.serving.engines import load_engine
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a bundle or .keras file at {path}, found nothing")
-    return load_engine(path, sha256=_sha256(path), num_threads=num_threads)
+    return load_engine(path, sha256=path_sha256(Path(path)), num_threads=num_threads)
 
 
-def _inputs(engine: Any, rgb: Any) -> np.ndarray:
+def _inputs(engine: Engine, rgb: Image.Image) -> np.ndarray:
 
     info = engine.info
     return info.model_input(rgb)
 
 
-def compare_engines(base: Any, other: Any, files: Sequence[Path]) -> tuple[Summary, list[ImageResult]]:
+def compare_engines(base: Engine, other: Engine, files: Sequence[Path]) -> tuple[Summary, list[ImageResult]]:
     """Run both engines on every decodable file and compare them image by image."""
     if tuple(base.info.labels) != tuple(other.info.labels):
         raise DermalError(

@@ -135,8 +135,8 @@ def labelled_files(root: str | Path, labels: tuple[str, ...]) -> list[tuple[Path
     return files
 
 
-def image_files(root: str | Path) -> list[Path]:
-    """The image files anywhere under ``root`` (for an out-of-distribution folder), sorted."""
+def image_files(root: str | Path, *, limit: int | None = None) -> list[Path]:
+    """The image files anywhere under ``root`` (hidden ones left out), sorted; at most ``limit``."""
     folder = Path(root)
     if not folder.is_dir():
         raise DatasetError(f"expected a folder of images, found nothing at {folder}")
@@ -147,4 +147,4 @@ def image_files(root: str | Path) -> list[Path]:
     )
     if not files:
         raise DatasetError(f"expected images in {folder}, found none")
-    return files
+    return files[:limit] if limit else files
