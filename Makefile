@@ -43,6 +43,7 @@ lock: | $(PY)
 
 ## serve the bundled synthetic demo model exactly as render.yaml starts it
 serve: $(SERVE_STAMP)
+	@echo "dermal-fn: serving $${MODEL_URI:-the synthetic demo model} on http://localhost:$(PORT)/ (the upload page; Ctrl-C stops)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" functions-framework --target=dermal --source=main.py --port=$(PORT)
 
 ## lint, type-check and run every test: the serving half without TensorFlow installed, then the rest

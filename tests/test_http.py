@@ -494,7 +494,9 @@ def test_unknown_route_is_404_json(client: Client, served: Path) -> None:
 # --- the original Django app's Python function -------------------------------------------------------
 
 
-def test_predict_skin_with_explanation_has_the_seed_shape(configure: Configure, test_bundle: Path) -> None:
+def test_predict_skin_with_explanation_has_the_original_shape(
+    configure: Configure, test_bundle: Path
+) -> None:
     configure(MODEL_URI=str(test_bundle))
     labels = labels_of(test_bundle)
     results, heatmap = dermal_fn.predict_skin_with_explanation(JPEG)  # top_k=7 > 3 classes: all of them
@@ -523,3 +525,63 @@ def test_predict_skin_with_explanation_follows_enable_gradcam(
         JPEG, enable_gradcam=True
     )  # the caller is the operator
     assert isinstance(forced, str)
+
+
+# --- the whole answer from Python: dermal_fn.predict, health, memory --------------------------------------
+
+
+def test_predict_from_python_is_the_http_body(client: Client, configure: Configure) -> None:
+    configure()  # the calibrated demo bundle: the assessment says in or out
+    over_http = post_raw(client, JPEG, query="?top_k=2").get_json()
+    from_python = dermal_fn.predict(JPEG, top_k=2)
+    assert (
+        set(from_python) == set(over_http) == {"model", "predictions", "gradcam", "timing_ms", "assessment"}
+    )
+    for key in ("model", "predictions", "assessment"):
+        assert from_python[key] == over_http[key], key
+    assert from_python["gradcam"]["grid"] == over_http["gradcam"]["grid"]
+    assert from_python["assessment"]["distribution"]["status"] in ("in", "out")  # calibrated: said
+
+
+@pytest.mark.parametrize(
+    ("options", "check"),
+    [
+        ({"gradcam": False}, lambda body: body["gradcam"] == {"status": "disabled", "by": "request"}),
+        ({"assess": "false"}, lambda body: "assessment" not in body),
+        ({"class_": 1}, lambda body: body["gradcam"]["class_index"] == 1),
+        ({"class": "round_uniform_spot"}, lambda body: body["gradcam"]["label"] == "round_uniform_spot"),
+        ({"overlay": "none"}, lambda body: "overlay_png" not in body["gradcam"]),
+    ],
+)
+def test_predict_from_python_takes_the_http_options(
+    configure: Configure, small_bundle: Path, options: dict[str, Any], check: Callable[[Any], bool]
+) -> None:
+    configure(MODEL_URI=str(small_bundle))
+    assert check(dermal_fn.predict(JPEG, **options))
+
+
+@pytest.mark.parametrize(
+    ("image", "options", "error"),
+    [
+        (b"not an image", {}, "InvalidImage"),
+        (JPEG, {"top_k": 0}, "InvalidOption"),
+        (JPEG, {"class": "no_such_label"}, "InvalidOption"),
+        (JPEG, {"colour": "red"}, "InvalidOption"),
+    ],
+)
+def test_predict_from_python_raises_the_http_errors(
+    configure: Configure, small_bundle: Path, image: bytes, options: dict[str, Any], error: str
+) -> None:
+    configure(MODEL_URI=str(small_bundle))
+    with pytest.raises(dermal_fn.errors.DermalError) as raised:
+        dermal_fn.predict(image, **options)
+    assert type(raised.value).__name__ == error
+
+
+def test_health_and_memory_from_python_have_the_http_shapes(
+    client: Client, configure: Configure, small_bundle: Path
+) -> None:
+    configure(MODEL_URI=str(small_bundle))
+    wait_for_state(client, "loaded")
+    assert set(dermal_fn.health()) == set(client.get("/health").get_json())
+    assert set(dermal_fn.memory()["memory"]) == set(client.get("/memory").get_json()["memory"])

@@ -25,8 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "serving": {"serving", "core", "errors", "models", "model_fetch"},
     "keras": {"keras", "core", "errors", "model_fetch"},
     "demo": {"demo", "keras", "core", "errors", "models"},
-    "tools": {"tools", "serving", "keras", "core", "demo", "errors", "models", "model_fetch"},
-    "package": {"serving"},  # dermal_fn/__init__.py: predict_skin_with_explanation
+    "tools": {"tools", "package", "serving", "keras", "core", "demo", "errors", "models", "model_fetch"},
+    "package": {"serving", "errors"},  # dermal_fn/__init__.py: predict, predict_skin_with_explanation, …
     "main": {"package", "serving"},
     "__main__": {"tools"},  # python -m dermal_fn
     "model_fetch": {"model_fetch"},

@@ -196,6 +196,8 @@ def load(
 
     if not model_path.exists():
         raise ExportError(f"expected a Keras model at {model_path}, found nothing")
+    if isinstance(labels, (str, Path)) and not Path(labels).is_file():  # said before the slow model load
+        raise ExportError(f"expected a labels file at {labels}, found nothing")
     keras_engine = KerasEngine(
         model_path,
         sha256=path_sha256(model_path),
@@ -204,6 +206,7 @@ def load(
         resize=spec.resize,
         normalization=spec.normalization,
         custom_objects=custom_objects_from(custom_objects),
+        sidecar_labels=False,  # the labels are --labels or class_0…; no other file is read
     )
     n_classes = keras_engine.head.n_classes
     if labels is None or isinstance(labels, (str, Path)):

@@ -57,15 +57,13 @@ def read_labels(path: str | Path | None, n_classes: int) -> tuple[str, ...]:
             )
         labels = tuple(m.group(2).strip() for m in indexed if m)
     if len(labels) != n_classes:
-        raise ExportError(
-            f"expected {n_classes} labels (one per line) in {Path(path).name}, found {len(labels)}"
-        )
+        raise ExportError(f"expected {n_classes} labels (one per line) in {path}, found {len(labels)}")
     if len(set(labels)) != len(labels):
-        raise ExportError(f"expected distinct labels in {Path(path).name}, found duplicates")
+        raise ExportError(f"expected distinct labels in {path}, found duplicates")
     return labels
 
 
-def sidecar_labels(model_path: Path) -> Path | None:
+def find_sidecar_labels(model_path: Path) -> Path | None:
     """``NAME.labels.txt`` or ``labels.txt`` next to a ``.keras`` file, if present."""
     for candidate in (model_path.with_suffix(".labels.txt"), model_path.parent / "labels.txt"):
         if candidate.is_file():
@@ -141,6 +139,7 @@ class KerasEngine(Engine):
         resize: str = "bilinear",
         normalization: Normalization | None = None,
         custom_objects: Mapping[str, Any] | None = None,
+        sidecar_labels: bool = True,
     ) -> None:
         path = Path(path)
         self.model = load_keras_model(path, custom_objects=custom_objects)
@@ -152,7 +151,7 @@ class KerasEngine(Engine):
             name=path.stem,
             sha256=sha256,
             backend="tensorflow",
-            labels=labels or read_labels(sidecar_labels(path), n_classes),
+            labels=labels or read_labels(find_sidecar_labels(path) if sidecar_labels else None, n_classes),
             layer=self.split.layer_name,
             input_size=self.split.input_size,
             input_scale=input_scale,

@@ -7,6 +7,7 @@ transfer-learning shape ``Sequential([EfficientNetV2S(include_top=False), GAP, D
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +120,12 @@ def split(model: Any, *, layer: str | None = None) -> Split:
     flat = _flat_layers(model)
     positions = [i for i, (_, leaf) in enumerate(flat) if leaf.name == name]
     if not positions:
-        raise ExportError(f"expected a layer named {name!r} in the model, found none")
+        names = [str(leaf.name) for _, leaf in flat if _output_rank(leaf) == 4]
+        near = difflib.get_close_matches(name, names, n=5, cutoff=0.4) or names[-5:]
+        raise ExportError(
+            f"expected a layer named {name!r} in the model, found none; "
+            f"layers with a 4-D output near that name: {', '.join(near) or 'none'}"
+        )
     target = flat[positions[-1]][1]
     if _output_rank(target) != 4:
         raise ExportError(

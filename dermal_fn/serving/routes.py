@@ -11,7 +11,6 @@ import base64
 import functools
 import hashlib
 import hmac
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +19,10 @@ from importlib import resources
 import flask
 
 from dermal_fn import errors
-from dermal_fn.serving.answer import model_json
 from dermal_fn.serving.options import PredictOptions
 from dermal_fn.serving.responses import json_response
 from dermal_fn.serving.service import Service
-from dermal_fn.serving.shapes import HealthBody, HealthErrorJson, HealthModelJson, MemoryBody
+from dermal_fn.serving.status import health_body, memory_body
 from dermal_fn.serving.uploads import parse_upload
 
 RequestLog = dict[str, object]  # the fields of a request's log line
@@ -47,59 +45,18 @@ def authorise(request: flask.Request, api_key: str | None) -> None:
 
 
 def health(request: flask.Request, service: Service, log: RequestLog) -> flask.Response:
-    """Liveness and model state (``model_state``: idle, loading, loaded or error).
-
-    The first call starts loading the model in the background, so a platform's health check warms
-    the instance. Once a load has failed, the answer is 503 with ``"status": "error"`` until a load
-    succeeds, retries included: what failed (the error's class) and when the next attempt is; the
-    cause only to a caller with the API key. With API_KEY set, an anonymous caller is not told
-    which model is served.
-    """
-    holder = service.holder
-    warming = holder.engine is None and holder.warm()
-    state = holder.state
-    engine, error = holder.engine, holder.error  # read after state: a load may finish meanwhile
-    if engine is not None:
-        state = "loaded"
-    elif state == "idle" and warming:
-        state = "loading"  # the load just started in the background
+    """GET /health: :func:`~dermal_fn.serving.status.health_body`; 503 once a load has failed."""
     api_key = service.settings.api_key
-    trusted = api_key is None or authenticated(request, api_key)
-    body = HealthBody(
-        status="ok",
-        model_loaded=engine is not None,
-        model_state=state,
-        gradcam_enabled=service.settings.enable_gradcam,
-    )
-    status, headers = 200, {}
-    if engine is not None:
-        if trusted:
-            body["model"] = HealthModelJson(**model_json(engine.info), quantization=engine.info.quantization)
-        body["load_seconds"] = round(holder.load_seconds or 0.0, 3)
-    elif error is not None:  # the last load failed; a retry may be under way (state "loading")
-        retry_after = max(1, math.ceil(holder.retry_in()))
-        body["status"] = "error"
-        body["error"] = HealthErrorJson(
-            code="model_unavailable", message=str(error), retry_after_s=retry_after
-        )
-        if error.detail and api_key is not None and trusted:
-            body["error"]["detail"] = error.detail
-        status, headers = 503, {"Retry-After": str(retry_after)}
-    else:
-        body["loading"] = True
-    return json_response(body, status, headers)
+    body = health_body(service, trusted=api_key is None or authenticated(request, api_key))
+    if body["status"] == "error":
+        retry_after = str(body["error"]["retry_after_s"]) if "error" in body else "5"
+        return json_response(body, 503, {"Retry-After": retry_after})
+    return json_response(body)
 
 
 def memory_route(request: flask.Request, service: Service, log: RequestLog) -> flask.Response:
-    """The original Django app's /memory shape, with the container's limit and charge."""
-    return json_response(
-        MemoryBody(
-            status="ok",
-            memory=service.memory_status(),
-            model_loaded=service.holder.engine is not None,
-            gradcam_enabled=service.settings.enable_gradcam,
-        )
-    )
+    """GET /memory: the original Django app's shape, with the container's limit and charge."""
+    return json_response(memory_body(service))
 
 
 def model_route(request: flask.Request, service: Service, log: RequestLog) -> flask.Response:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermal_fn import __version__
 from dermal_fn.errors import DermalError
 from dermal_fn.serving.logs import close_quietly_at_exit
 
@@ -110,7 +111,8 @@ def _triple(text: str) -> tuple[float, float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
-    parser = argparse.ArgumentParser(prog="python -m dermal_fn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dermal-fn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dermal-fn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -187,7 +189,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="LiteRT threads for both models (default 1, as on 0.5 CPU)"
     )
     compare.set_defaults(run=_compare)
+
+    serve = commands.add_parser(
+        "serve", help="serve the HTTP API with functions-framework (MODEL_URI, or the synthetic demo)"
+    )
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8080))
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.set_defaults(run=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Replace this process with functions-framework serving :mod:`dermal_fn.serving.function`."""
+    from dermal_fn.serving import function
+
+    argv = [
+        sys.executable,
+        "-m",
+        "functions_framework",
+        "--target=dermal",
+        f"--source={function.__file__}",
+        f"--host={args.host}",
+        f"--port={args.port}",
+    ]
+    shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    logging.getLogger("dermal_fn").info("serving on http://%s:%d/ (the upload page)", shown, args.port)
+    os.execv(sys.executable, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

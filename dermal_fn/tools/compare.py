@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None and not (low <= value <= 1.0):
             raise DermalError(f"expected {name} between {low:g} and 1, found {value}")
-    files = image_files(args.images, limit=limit)
+    files = image_files(args.images, limit=limit, option="--images", suffixes=None)
     with contextlib.ExitStack() as opened:  # closed even when the other one fails to open
         base = opened.enter_context(contextlib.closing(open_engine(base_path, num_threads=threads)))
         other = opened.enter_context(contextlib.closing(open_engine(other_path, num_threads=threads)))
@@ -407,7 +407,11 @@ def _measure_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
-        measured = measure(args.measure, image_files(args.images, limit=args.limit), num_threads=args.threads)
+        measured = measure(
+            args.measure,
+            image_files(args.images, limit=args.limit, option="--images", suffixes=None),
+            num_threads=args.threads,
+        )
     except (DermalError, OSError) as exc:
         logger.error("error: %s", exc)
         return 2

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dermal_fn.core.imaging import InputScale, Normalization, decode, model_input
-from dermal_fn.errors import DatasetError, ExportError, InvalidImage, UnsupportedMediaType
+from dermal_fn.errors import DatasetError, DermalError, ExportError, InvalidImage, UnsupportedMediaType
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,7 @@ def calibration_images(
             "pass a folder of real photos for a faithful int8 model"
         )
         return _generated_calibration(size, scale, count=min(limit, 64), normalization=normalization)
-    root = Path(folder)
-    if not root.is_dir():
-        found = "nothing" if not root.exists() else "a file"
-        raise ExportError(f"expected --calibration to be a folder of images, found {found} at {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise ExportError(f"expected --calibration folder {root} to hold images, found an empty folder")
+    files = image_files(folder, option="--calibration", suffixes=None, error=ExportError)
     inputs: list[np.ndarray] = []
     rejected: dict[str, list[str]] = {}  # reason -> file names
     for path in files[:MAX_CALIBRATION_FILES]:
@@ -66,7 +60,7 @@ def calibration_images(
     )
     if len(inputs) < MIN_CALIBRATION_IMAGES:
         raise ExportError(
-            f"expected at least {MIN_CALIBRATION_IMAGES} usable images in calibration folder {root}, "
+            f"expected at least {MIN_CALIBRATION_IMAGES} usable images in calibration folder {folder}, "
             f"found {len(inputs)} of {len(files)} files" + (f": {summary}" if summary else "")
         )
     if rejected:
@@ -135,16 +129,26 @@ def labelled_files(root: str | Path, labels: tuple[str, ...]) -> list[tuple[Path
     return files
 
 
-def image_files(root: str | Path, *, limit: int | None = None) -> list[Path]:
-    """The image files anywhere under ``root`` (hidden ones left out), sorted; at most ``limit``."""
+def image_files(
+    root: str | Path,
+    *,
+    limit: int | None = None,
+    option: str = "the folder",
+    suffixes: frozenset[str] | None = IMAGE_SUFFIXES,
+    error: type[DermalError] = DatasetError,
+) -> list[Path]:
+    """The files anywhere under ``root``, sorted, hidden ones left out; at most ``limit``.
+
+    ``suffixes``: only files with these endings (None: every file, for the decoder to judge).
+    ``option`` names the folder in errors (``--images``); ``error`` is the exception raised.
+    """
     folder = Path(root)
     if not folder.is_dir():
-        raise DatasetError(f"expected a folder of images, found nothing at {folder}")
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+        found = "nothing" if not folder.exists() else "a file"
+        raise error(f"expected {option} to be a folder of images, found {found} at {folder}")
+    every = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = every if suffixes is None else [p for p in every if p.suffix.lower() in suffixes]
     if not files:
-        raise DatasetError(f"expected images in {folder}, found none")
+        found = "an empty folder" if not every else f"no image files among {len(every)}"
+        raise error(f"expected images in {folder}, found {found}")
     return files[:limit] if limit else files

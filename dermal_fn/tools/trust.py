@@ -237,7 +237,11 @@ def evaluate(
     labels = engine.info.labels
     try:
         outputs = run_files(engine, labelled_files(data, labels), progress=progress)
-        outside = run_files(engine, [(f, -1) for f in image_files(ood)], progress=progress) if ood else None
+        outside = (
+            run_files(engine, [(f, -1) for f in image_files(ood, option="--ood")], progress=progress)
+            if ood
+            else None
+        )
     finally:
         engine.close()
     p, y = outputs.probabilities, outputs.labels
