@@ -17,6 +17,7 @@
     │   ├── Overloaded            the inference queue is full
     │   └── InsufficientMemory    decoding this image now would not fit in the memory left
     ├── ConfigError               an environment variable has a value we cannot use
+    │   └── BackendMissing        MODEL_URI is a Keras file and TensorFlow/Keras is not installed
     ├── DatasetError              a folder of images is not what a command needs (calibrate, evaluate)
     ├── BundleError               a bundle file is malformed or of an unknown version
     │   └── ModelCrashed          loading it killed the worker before (its message is safe to show anyone)
@@ -34,8 +35,12 @@ class DermalError(Exception):
     """Base of every error raised by dermal_fn.
 
     ``str(exc)`` is what any client may read; ``detail`` (optional) is for the logs and for callers
-    who showed the API key: storage paths, endpoints, the cause's own text.
+    who showed the API key: storage paths, endpoints, the cause's own text. ``says_why``: when a model
+    fails to load with this error, its message is safe and useful to everyone (no path or endpoint),
+    so ``/health`` and the 503 quote it instead of only naming the error's class.
     """
+
+    says_why: bool = False
 
     def __init__(self, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
@@ -123,6 +128,12 @@ class ConfigError(DermalError):
     """A configuration value cannot be used."""
 
 
+class BackendMissing(ConfigError):
+    """The model is a Keras file and this server has no TensorFlow/Keras to serve it with."""
+
+    says_why = True
+
+
 class DatasetError(DermalError):
     """A folder of images is not what the command needs: missing, empty, or its classes do not match."""
 
@@ -133,6 +144,8 @@ class BundleError(DermalError):
 
 class ModelCrashed(BundleError):
     """Loading this model killed the worker process before; it is not loaded again until it changes."""
+
+    says_why = True
 
 
 class ExportError(DermalError):

@@ -1,8 +1,8 @@
 """The exceptions model_fetch raises, one family.
 
     FetchError                  base; raised as such for local I/O errors (unreadable file, cache)
-    ├── InvalidModelUri         not a local path, a file:// URI nor gs://bucket/object
-    ├── ModelNotFound           no such file, bucket, object or object generation
+    ├── InvalidModelUri         not a local path, file:// URI, gs://bucket/object or https:// URL
+    ├── ModelNotFound           no such file, bucket, object, object generation or URL (404)
     ├── ChecksumMismatch        size, crc32c or the sha256 pin disagree (or a hash is missing)
     ├── ModelTooLarge           the model is larger than the caller allows
     └── StorageUnavailable      storage unreachable after retries, over timeout_s, or access denied
@@ -18,7 +18,7 @@ class FetchError(Exception):
 
 
 class InvalidModelUri(FetchError):
-    """The URI is neither a local path, a file:// URI nor gs://bucket/object."""
+    """The URI is not a local path, file:// URI, gs://bucket/object or https:// URL (or http:// without a pin)."""
 
 
 class ModelNotFound(FetchError):

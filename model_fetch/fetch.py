@@ -8,10 +8,11 @@ from pathlib import Path
 
 from model_fetch.cache import DIGEST_MEMO, default_cache_dir
 from model_fetch.digest import normalize_sha256
+from model_fetch.errors import InvalidModelUri
 from model_fetch.gcs_cache import pinned_cached_copy
 from model_fetch.local import fetch_local
 from model_fetch.result import FetchedModel
-from model_fetch.uri import LocalLocation, parse_model_uri
+from model_fetch.uri import HttpLocation, LocalLocation, parse_model_uri
 
 
 def fetch_model(
@@ -22,7 +23,10 @@ def fetch_model(
     timeout_s: float = 120.0,
     max_bytes: int | None = None,
 ) -> FetchedModel:
-    """Resolve a local path, ``file://`` or ``gs://bucket/object`` URI to a verified local file.
+    """Resolve a local path, ``file://``, ``gs://bucket/object`` or ``https://`` URI to a verified local file.
+
+    URLs (``https://``, or ``http://`` with ``expected_sha256``) are downloaded into ``cache_dir``,
+    resumed when a connection drops and revalidated by ETag/Last-Modified (:mod:`model_fetch.http`).
 
     Local files are used in place; GCS objects are downloaded into ``cache_dir`` (reused while
     the generation, size and crc32c still match; with ``expected_sha256``, a cached copy whose
@@ -43,6 +47,22 @@ def fetch_model(
             location, source=uri, expected_sha256=pin, started=started, max_bytes=max_bytes, memo=memo
         )
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if isinstance(location, HttpLocation):
+        if location.scheme == "http" and pin is None:
+            raise InvalidModelUri(
+                f"expected https:// or a MODEL_SHA256 pin with http:// (nothing else protects plain HTTP), "
+                f"found {location} without a pin"
+            )
+        from model_fetch.http import fetch_http
+
+        return fetch_http(
+            location,
+            cache_dir=directory,
+            expected_sha256=pin,
+            timeout_s=timeout_s,
+            started=started,
+            max_bytes=max_bytes,
+        )
     if pin is not None:
         cached = pinned_cached_copy(
             location,

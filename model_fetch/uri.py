@@ -1,4 +1,4 @@
-"""Model URIs: a local path, ``file://`` URI or ``gs://bucket/object``."""
+"""Model URIs: a local path, ``file://`` URI, ``gs://bucket/object``, or an ``https://`` (``http://``) URL."""
 
 from __future__ import annotations
 
@@ -35,10 +35,41 @@ class GcsLocation:
         return f"gs://{self.bucket}/{self.name}"
 
 
-def parse_model_uri(uri: str) -> LocalLocation | GcsLocation:
-    """Tell a local path, a ``file://`` URI and a ``gs://bucket/object`` URI apart."""
+@dataclass(frozen=True, slots=True)
+class HttpLocation:
+    """A file at an ``https://`` (or ``http://``) URL. ``str()`` is the URL without query or credentials."""
+
+    url: str
+    scheme: str
+    host: str
+    path: str
+
+    @property
+    def redacted(self) -> str:
+        """The URL as logs and answers may show it: no query string, fragment or user:password."""
+        return f"{self.scheme}://{self.host}{self.path}"
+
+    def __str__(self) -> str:
+        return self.redacted
+
+
+Location = LocalLocation | GcsLocation | HttpLocation
+EXPECTED = "a local path, file:// URI, gs://bucket/object or https:// URL"
+
+
+def redact_uri(uri: str) -> str:
+    """A model URI as a log line may show it: a URL's query string and credentials left out."""
+    match = _SCHEME.match(uri or "")
+    if match is None or match["scheme"].lower() not in ("http", "https"):
+        return uri
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def parse_model_uri(uri: str) -> Location:
+    """Tell a local path, a ``file://`` URI, a ``gs://bucket/object`` URI and an ``http(s)://`` URL apart."""
     if not isinstance(uri, str) or not uri.strip():
-        raise InvalidModelUri(f"expected a local path, file:// URI or gs://bucket/object, found {uri!r}")
+        raise InvalidModelUri(f"expected {EXPECTED}, found {uri!r}")
     match = _SCHEME.match(uri)
     if match is None:
         if uri.lower().startswith("gs:"):
@@ -49,9 +80,23 @@ def parse_model_uri(uri: str) -> LocalLocation | GcsLocation:
         return _parse_gcs(uri, uri[match.end() :])
     if scheme == "file":
         return _parse_file(uri)
-    raise InvalidModelUri(
-        f"expected a local path, file:// URI or gs://bucket/object, found scheme {scheme!r} in {uri!r}"
-    )
+    if scheme in ("http", "https"):
+        return _parse_http(uri)
+    raise InvalidModelUri(f"expected {EXPECTED}, found scheme {scheme!r} in {redact_uri(uri)!r}")
+
+
+def _parse_http(uri: str) -> HttpLocation:
+    parts = urlsplit(uri)
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidModelUri(f"expected a URL with a valid port, found {redact_uri(uri)!r}") from None
+    if not parts.hostname:
+        raise InvalidModelUri(f"expected a host in the URL, found {redact_uri(uri)!r}")
+    if any(c in uri for c in "\r\n\t ") or not uri.isprintable():
+        raise InvalidModelUri("expected a URL without spaces or control characters, found some")
+    host = parts.hostname + (f":{port}" if port else "")
+    return HttpLocation(url=uri, scheme=parts.scheme.lower(), host=host, path=parts.path or "/")
 
 
 def _parse_gcs(uri: str, rest: str) -> GcsLocation:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import io
 import json
 from collections.abc import Callable
@@ -585,3 +586,16 @@ def test_health_and_memory_from_python_have_the_http_shapes(
     wait_for_state(client, "loaded")
     assert set(dermal_fn.health()) == set(client.get("/health").get_json())
     assert set(dermal_fn.memory()["memory"]) == set(client.get("/memory").get_json()["memory"])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is not None, reason="needs a server without TensorFlow"
+)
+def test_a_keras_model_uri_without_tensorflow_says_why(client: Client, configure: Configure, tiny_model: Any) -> None:
+    configure(MODEL_URI=str(tiny_model.keras_path))
+    response = post_raw(client, JPEG)
+    assert response.status_code == 503
+    message = response.get_json()["error"]["message"]
+    assert "BackendMissing" in message and "install dermal-fn[export]" in message
+    health = client.get("/health")
+    assert health.status_code == 503 and "dermal-fn export" in health.get_json()["error"]["message"]

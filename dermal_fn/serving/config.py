@@ -100,7 +100,8 @@ class Settings:
         "MODEL_URI",
         str(DEMO_BUNDLE),
         _text,
-        "`gs://bucket/object`, a local bundle, or a Keras file (`.keras`, `.h5`, SavedModel: TensorFlow backend)",
+        "`gs://bucket/object`, `https://…` (or `http://…` with `MODEL_SHA256`), a local bundle, or a Keras file"
+        " (`.keras`, `.h5`, SavedModel: TensorFlow backend); a URL's query string never appears in logs or answers",
         shown="the bundled demo",
     )
     model_sha256: str | None = setting("MODEL_SHA256", None, _sha256, "refuse a model whose SHA-256 differs")

@@ -7,13 +7,14 @@ model, so serving a bundle never loads TensorFlow (≈530 MB).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import zipfile
 from pathlib import Path
 
 from dermal_fn.core import bundle as bundle_format
 from dermal_fn.core.engine import Engine, LiteRTEngine, litert_runtime
-from dermal_fn.errors import BundleError
+from dermal_fn.errors import BackendMissing, BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,12 @@ def load_engine(
                 marker.write_text(f"{runtime}\n")
         return engine
     if is_keras_file(path):
+        if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
+            raise BackendMissing(
+                "expected TensorFlow and Keras to serve a Keras file, found them not installed on this server; "
+                "install dermal-fn[export] (TensorFlow, ~530 MB more memory) or export a bundle: "
+                "dermal-fn export MODEL.keras --out MODEL.dermal"
+            )
         from dermal_fn.keras.reference import KerasEngine
 
         return KerasEngine(path, sha256=sha256)

@@ -21,6 +21,7 @@ from dermal_fn.errors import ConfigError, DermalError, ModelCrashed, ModelUnavai
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.logs import close_quietly_at_exit
+from model_fetch.uri import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,9 @@ class ModelHolder:
         self._retry_at = self.clock() + delay
         cause = f"{type(exc).__name__}: {exc}"
         public = f"the model could not be loaded ({type(exc).__name__})"
-        if isinstance(exc, ModelCrashed):  # no path, bucket or endpoint in it: say why to everyone
+        if (
+            isinstance(exc, DermalError) and exc.says_why
+        ):  # no path, bucket or endpoint in it: say why to everyone
             public = f"{public}: {exc}"
         self._error = DermalError(public, detail=cause)
         logger.error(
@@ -226,7 +229,7 @@ class ModelHolder:
             exc_info=None if expected else exc,
             extra={
                 "json_fields": {
-                    "model_uri": self.settings.model_uri,
+                    "model_uri": redact_uri(self.settings.model_uri),
                     "error": cause,
                     "failures": self._failures,
                     "retry_in_s": delay,

@@ -150,5 +150,5 @@ def image_files(
     files = every if suffixes is None else [p for p in every if p.suffix.lower() in suffixes]
     if not files:
         found = "an empty folder" if not every else f"no image files among {len(every)}"
-        raise error(f"expected images in {folder}, found {found}")
+        raise error(f"expected {option} folder {folder} to hold images, found {found}")
     return files[:limit] if limit else files
