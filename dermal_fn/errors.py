@@ -20,7 +20,7 @@
     │   └── BackendMissing        MODEL_URI is a Keras file and TensorFlow/Keras is not installed
     ├── DatasetError              a folder of images is not what a command needs (calibrate, evaluate)
     ├── BundleError               a bundle file is malformed or of an unknown version
-    │   └── ModelCrashed          loading it killed the worker before (its message is safe to show anyone)
+    │   └── ModelCrashed          loading it crashed the worker before (its message is safe to show anyone)
     └── ExportError               a Keras model cannot be exported faithfully
         └── UnsupportedLayer      the head holds a layer the NumPy head cannot differentiate
 
@@ -143,7 +143,7 @@ class BundleError(DermalError):
 
 
 class ModelCrashed(BundleError):
-    """Loading this model killed the worker process before; it is not loaded again until it changes."""
+    """Loading this model crashed the worker process before (a crash signal); it is not loaded again until it changes."""
 
     says_why = True
 

@@ -336,12 +336,12 @@ def test_requests_after_a_failed_load_do_not_fetch_again_until_the_backoff_passe
     assert holder.attempts == 2 and holder.retry_in() == pytest.approx(0.6)  # the backoff doubled
 
 
-def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
+def test_crash_markers_count_crashed_loaders_only(tmp_path: Path) -> None:
     import subprocess
     import sys
 
     from dermal_fn.errors import ModelCrashed
-    from dermal_fn.serving.holder import CrashMarker
+    from dermal_fn.serving.crash_marker import CrashMarker
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -351,11 +351,18 @@ def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
     try:
         (tmp_path / f"abc.{live.pid}.loading").write_text("")  # another server loading it right now
         with CrashMarker(tmp_path, key="abc") as marker:  # not a crash: it loads
-            assert marker.crashed == [] and marker.path.exists()
-        assert not marker.path.exists()
-        for n in (1, 2):
-            (tmp_path / f"abc.{dead_pid + n * 100_000}.loading").write_text("")  # died while loading
-        with pytest.raises(ModelCrashed, match="killed the worker 2 times"):
+            assert marker.crashed == [] and marker.path is not None and marker.path.exists()
+        assert marker.path is not None and not marker.path.exists()
+        for n in (1, 2, 3):  # stopped gracefully (SIGTERM, SIGHUP) or SIGKILLed while loading: no evidence
+            (tmp_path / f"abc.{dead_pid + n * 100_000}.loading").write_text(f"{dead_pid} oom_kills=None\n")
+        with CrashMarker(tmp_path, key="abc") as marker:
+            assert marker.crashed == []
+        assert sorted(p.name for p in tmp_path.glob("abc.*.loading")) == [f"abc.{live.pid}.loading"]
+        for n in (1, 2):  # faulthandler wrote into the marker as a crash signal killed the loader
+            (tmp_path / f"abc.{dead_pid + n * 100_000}.loading").write_text(
+                "1 oom_kills=None\nFatal Python error: Segmentation fault\n"
+            )
+        with pytest.raises(ModelCrashed, match="crashed the worker 2 times"):
             CrashMarker(tmp_path, key="abc").__enter__()
         assert len(list(tmp_path.glob("abc.*.loading"))) == 3  # the verdict stays
         with CrashMarker(tmp_path, key="other"):  # another model is not affected
@@ -363,6 +370,42 @@ def test_crash_markers_count_dead_loaders_only(tmp_path: Path) -> None:
     finally:
         live.kill()
         live.communicate()
+
+
+CRASHING_LOAD = r"""
+import ctypes, sys
+from pathlib import Path
+from dermal_fn.serving.crash_marker import CrashMarker
+with CrashMarker(Path(sys.argv[1]), key="model"):
+    if sys.argv[2] == "segfault":
+        ctypes.string_at(0)  # what a corrupt flatbuffer does to the runtime
+    else:
+        import os, signal
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize(("how", "counted"), [("segfault", True), ("SIGTERM", False), ("SIGKILL", False)])
+def test_only_a_crash_signal_leaves_evidence(tmp_path: Path, how: str, counted: bool) -> None:
+    from dermal_fn.serving.crash_marker import CRASH_EVIDENCE
+
+    died = subprocess.run(
+        [sys.executable, "-c", CRASHING_LOAD, str(tmp_path), how], cwd=REPO, capture_output=True, timeout=60
+    )
+    assert died.returncode < 0  # killed by the signal
+    (marker,) = tmp_path.glob("model.*.loading")
+    assert (CRASH_EVIDENCE in marker.read_text()) is counted
+
+
+def test_an_unwritable_cache_degrades_to_serving_without_it(
+    tmp_path: Path, test_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "blocked"  # a file where the folder should be (ENOTDIR: as read-only for us)
+    blocked.write_text("not a folder")
+    holder = ModelHolder(Settings(model_uri=str(test_bundle), model_cache_dir=str(blocked / "cache")))
+    assert holder.get().info.labels
+    assert str(blocked / "cache") in caplog.text and "serving without its optional files" in caplog.text
+    assert caplog.text.count("cannot be used") == 1  # said once
 
 
 # --- the allocator ---------------------------------------------------------------------------------

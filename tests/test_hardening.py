@@ -187,6 +187,36 @@ def test_a_damaged_backbone_is_refused_by_its_crc(
     assert len(server.worker_pids()) == 1
 
 
+def test_workers_stopped_while_loading_are_no_evidence_against_the_model(
+    server_factory: Callable[..., ServerProcess], small_bundle: Path, tmp_path: Path
+) -> None:
+    """What two graceful restarts (SIGHUP, a deploy's SIGTERM) or an OOM kill during a load leave behind:
+    markers of dead loaders with no crash in them. The next worker loads the model."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from dermal_fn.serving.crash_marker import CRASH_EVIDENCE
+
+    cache = tmp_path / "cache"
+    key = hashlib.sha256(small_bundle.read_bytes()).hexdigest()[:32]
+    for _ in range(3):
+        stopped = subprocess.Popen(
+            [sys.executable, "-c", "import signal, sys; from pathlib import Path; "
+             "from dermal_fn.serving.crash_marker import CrashMarker; "
+             "m = CrashMarker(Path(sys.argv[1]), key=sys.argv[2]).__enter__(); signal.raise_signal(signal.SIGTERM)",
+             str(cache / "loading"), key],
+            cwd=hf.REPO,
+        )  # fmt: skip
+        assert stopped.wait(60) < 0
+    (marker,) = (cache / "loading").glob(f"{key}.*.loading")  # each loader cleared the one before
+    assert CRASH_EVIDENCE not in marker.read_text()
+    server = server_factory({"MODEL_URI": str(small_bundle), "MODEL_CACHE_DIR": str(cache)}, wait="/memory")
+    assert server.post_image("/predict", JPEG)[0] == 200, server.log_tail()
+    assert server.get_json("/health")[1]["model_state"] == "loaded"
+    assert list((cache / "loading").glob(f"{key}.*.loading")) == []  # the stale markers are gone
+
+
 def test_a_bundle_that_kills_the_worker_is_reported_not_crash_looped(
     server_factory: StartServer, test_bundle: Path, tmp_path: Path
 ) -> None:
@@ -214,7 +244,7 @@ def test_a_bundle_that_kills_the_worker_is_reported_not_crash_looped(
             status, health = server.get_json("/health", timeout_s=5)
         except (OSError, http.client.HTTPException):  # the worker died under this request
             return False  # gunicorn starts another
-        return health.get("model_state") == "error" and "killed the worker" in health["error"]["message"]
+        return health.get("model_state") == "error" and "crashed the worker" in health["error"]["message"]
 
     wait_until(
         refused,
@@ -224,7 +254,7 @@ def test_a_bundle_that_kills_the_worker_is_reported_not_crash_looped(
         describe=server.log_tail,
     )
     assert health.get("model_state") == "error", server.log_tail()
-    assert "killed the worker 2 times" in health["error"]["message"]
+    assert "crashed the worker 2 times" in health["error"]["message"]
     assert status == 503
     assert 2 <= len(workers) <= 4  # two crashed loads, then a worker that refuses: no loop
     pid = server.worker_pids()
@@ -275,3 +305,67 @@ def test_expanding_uploads_inside_a_512_mib_cgroup(small_bundle: Path, tmp_path:
     }
     assert events.get("oom_kill", 0) == 0 and alive
     assert peak < 400, f"worker + master peak {peak:.0f} MB"
+
+
+# --- framing and limits that gunicorn itself enforces -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param(b"zz\r\nabc\r\n0\r\n\r\n", id="bad-hex"),
+        pytest.param(b"-5\r\nabc\r\n0\r\n\r\n", id="negative-size"),
+        pytest.param(b"3\r\nabcXX0\r\n\r\n", id="missing-crlf"),
+        pytest.param(b"3;a\x00b\r\nabc\r\n0\r\n\r\n", id="nul-in-extension"),
+        pytest.param(b"3\r\nabc\r\n0\r\nX-A: \x00\r\n\r\n", id="nul-in-trailer"),
+    ],
+)
+def test_malformed_chunked_framing_is_a_json_400(server: ServerProcess, chunks: bytes) -> None:
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        sock.sendall(head + chunks)
+        status, headers, body = read_response(sock)
+    assert status == 400, body
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "Traceback" not in server.log_text()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(
+            b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, id="request-line-over-4094"
+        ),
+        pytest.param(
+            b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, id="header-without-colon"
+        ),
+        pytest.param(
+            b"GET /health HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(150))
+            + b"\r\n",
+            431,
+            id="over-100-header-fields",
+        ),
+        pytest.param(
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+            431,
+            id="header-over-8190",
+        ),
+    ],
+)
+def test_the_servers_own_refusals_are_json_and_cheap(
+    server: ServerProcess, request_bytes: bytes, status: int
+) -> None:
+    """gunicorn answers these before our code runs: bounded (functions-framework unbounds the line), in JSON."""
+    before = server.cpu_seconds()
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answered, headers, body = read_response(sock)
+    assert answered == status
+    assert headers["content-type"] == "application/json" and headers["x-content-type-options"] == "nosniff"
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    assert server.cpu_seconds() - before < 1.0  # CPU time, not wall time: an unbounded 8 MiB line cost 7.2 s
+    assert server.get_json("/health")[0] == 200  # and it serves on

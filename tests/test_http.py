@@ -591,7 +591,9 @@ def test_health_and_memory_from_python_have_the_http_shapes(
 @pytest.mark.skipif(
     importlib.util.find_spec("tensorflow") is not None, reason="needs a server without TensorFlow"
 )
-def test_a_keras_model_uri_without_tensorflow_says_why(client: Client, configure: Configure, tiny_model: Any) -> None:
+def test_a_keras_model_uri_without_tensorflow_says_why(
+    client: Client, configure: Configure, tiny_model: Any
+) -> None:
     configure(MODEL_URI=str(tiny_model.keras_path))
     response = post_raw(client, JPEG)
     assert response.status_code == 503
@@ -599,3 +601,19 @@ def test_a_keras_model_uri_without_tensorflow_says_why(client: Client, configure
     assert "BackendMissing" in message and "install dermal-fn[export]" in message
     health = client.get("/health")
     assert health.status_code == 503 and "dermal-fn export" in health.get_json()["error"]["message"]
+
+
+def test_health_stays_503_while_a_failed_load_is_retried(client: Client, configure: Configure, tmp_path: Path) -> None:
+    """A platform's health check must not see 200 "loading" between the retries of a load that keeps failing."""
+    configure(MODEL_URI=str(tmp_path / "absent.dermal"), MODEL_RETRY_S="1")
+    clock = FakeClock()
+    service = reset_service(Settings.from_env(), clock=clock)
+    assert service is not None
+    assert post_raw(client, JPEG).status_code == 503
+    clock.advance(1.5)  # the backoff is over: the next look starts a retry
+    with service.holder._lock:  # a retry is under way (the load holds this lock throughout)
+        health = client.get("/health")
+        body = health.get_json()
+        assert health.status_code == 503 and health.headers["Retry-After"]
+        assert body["status"] == "error" and body["model_state"] == "loading"
+        assert "ModelNotFound" in body["error"]["message"]

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 
 import functions_framework
 
+from dermal_fn.serving import gunicorn_limits
 from dermal_fn.serving.logs import setup_logging
 
 if TYPE_CHECKING:
     import flask
 
 setup_logging()
+gunicorn_limits.install()  # before functions-framework hands gunicorn its configuration
 
 
 @functions_framework.http

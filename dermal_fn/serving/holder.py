@@ -19,6 +19,7 @@ from typing import Literal, TypedDict
 from dermal_fn.core.engine import Engine
 from dermal_fn.errors import ConfigError, DermalError, ModelCrashed, ModelUnavailable
 from dermal_fn.serving.config import Settings
+from dermal_fn.serving.crash_marker import CrashMarker
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.logs import close_quietly_at_exit
 from model_fetch.uri import redact_uri
@@ -39,8 +40,6 @@ class FetchInfo(TypedDict):
 
 # after the n-th failed load in a row the next attempt waits MODEL_RETRY_S * 2 ** (n - 1), at most this
 MAX_BACKOFF_S = 300.0
-# a model whose load killed this many workers in a row is not loaded again until it changes
-MAX_CRASHED_LOADS = 2
 
 
 class ModelHolder:
@@ -69,6 +68,9 @@ class ModelHolder:
         self.loaded_at: float | None = None
         self.load_seconds: float | None = None
         self.fetch_info: FetchInfo | None = None
+        # how the previous loader of this model ended, when not by a crash: "out_of_memory"
+        self.last_exit: str | None = None
+        self._cache_warned = False
 
     @property
     def engine(self) -> Engine | None:
@@ -143,8 +145,7 @@ class ModelHolder:
             )
 
     def _load(self) -> Engine:
-        from model_fetch import FetchError, default_cache_dir, fetch_model
-        from model_fetch.cache import private_dir
+        from model_fetch import FetchError, fetch_model
 
         started = time.perf_counter()
         settings = self.settings
@@ -155,9 +156,7 @@ class ModelHolder:
                     f"expected MODEL_URI to name the model to serve on {settings.platform}, found it empty; "
                     "set MODEL_URI (or ALLOW_DEMO_MODEL=true to serve the synthetic demo, not for diagnosis)"
                 )
-            cache = private_dir(
-                Path(settings.model_cache_dir) if settings.model_cache_dir else default_cache_dir()
-            )
+            cache = self._usable_cache()
             fetched = fetch_model(
                 settings.model_uri,
                 cache_dir=cache,
@@ -165,13 +164,16 @@ class ModelHolder:
                 timeout_s=settings.model_fetch_timeout_s,
                 max_bytes=settings.max_model_bytes,
             )
-            with CrashMarker(cache / "loading", key=fetched.sha256):
+            with CrashMarker(cache / "loading" if cache else None, key=fetched.sha256) as marker:
+                if marker.out_of_memory:
+                    self.last_exit = "out_of_memory"
+                    logger.warning("the previous worker was killed out of memory while loading this model")
                 engine = load_engine(
                     fetched.path,
                     sha256=fetched.sha256,
                     num_threads=settings.litert_threads,
-                    weight_cache_dir=cache / "xnnpack",
-                    verified_dir=cache / "verified",
+                    weight_cache_dir=cache / "xnnpack" if cache else None,
+                    verified_dir=cache / "verified" if cache else None,
                 )
         except Exception as exc:
             self._failed(exc, expected=isinstance(exc, (FetchError, DermalError, OSError)))
@@ -209,6 +211,32 @@ class ModelHolder:
             },
         )
         return engine
+
+    def _usable_cache(self) -> Path | None:
+        """MODEL_CACHE_DIR (or a temp dir) made private; None when it cannot be used (read-only, full).
+
+        Everything in it is optional for a local model (the digest memo, the verified marker, packed
+        weights, crash markers): the model is served without them, said once with the path.
+        """
+        from model_fetch import FetchError, default_cache_dir
+        from model_fetch.cache import private_dir
+
+        folder = Path(self.settings.model_cache_dir) if self.settings.model_cache_dir else default_cache_dir()
+        try:
+            usable = private_dir(folder)
+            probe = usable / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return usable
+        except (OSError, FetchError) as exc:  # not ours or not a folder; EROFS/ENOSPC/EACCES from the probe
+            if not self._cache_warned:
+                self._cache_warned = True
+                logger.warning(
+                    "model cache %s cannot be used (%s): serving without its optional files",
+                    folder,
+                    getattr(exc, "strerror", None) or exc,
+                )
+            return None
 
     def _failed(self, exc: Exception, *, expected: bool) -> None:
         """Remember a failed load and when the next may be tried; log the cause (never to clients)."""
@@ -258,51 +286,3 @@ class ModelHolder:
     def _warm(self) -> None:
         with contextlib.suppress(ModelUnavailable):  # recorded in self.error, reported by /health
             self.get()
-
-
-class CrashMarker:
-    """Files that say "this process is loading this model"; the ones of dead processes are crashed loads.
-
-    On entry: markers of this model left by processes that no longer run are counted; at ``limit`` or
-    more the load is refused (ModelCrashed) and they stay. Otherwise this process writes its own
-    marker (``<key>.<pid>.loading``), removed on exit (the load returned or raised); a successful
-    load also clears the dead ones. A marker whose process still runs is a concurrent load of the
-    same model (another server on the machine, a restarting worker), not a crash.
-    """
-
-    def __init__(self, folder: Path, *, key: str, limit: int = MAX_CRASHED_LOADS) -> None:
-        self.folder = folder
-        self.key = key[:32]
-        self.limit = limit
-        self.path = folder / f"{self.key}.{os.getpid()}.loading"
-        self.crashed: list[Path] = []
-
-    def __enter__(self) -> CrashMarker:
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.crashed = [m for m in self.folder.glob(f"{self.key}.*.loading") if not _process_alive(m)]
-        if len(self.crashed) >= self.limit:
-            raise ModelCrashed(
-                f"expected the model to load, found it killed the worker {len(self.crashed)} times while "
-                "loading (a corrupt or incompatible backbone); replace the model file to try again",
-                detail=f"crash markers in {self.folder}",
-            )
-        self.path.write_text(f"{os.getpid()}\n")
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.path.unlink(missing_ok=True)
-        if exc_type is None:
-            for marker in self.crashed:  # it loaded after all: the history is no longer a verdict
-                marker.unlink(missing_ok=True)
-
-
-def _process_alive(marker: Path) -> bool:
-    """Whether the process named in ``<key>.<pid>.loading`` still runs."""
-    try:
-        pid = int(marker.name.split(".")[-2])
-        os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -251,3 +251,20 @@ def cgroup_charge_mb(*, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_
                     charged -= int(value)
             return max(0, charged) / MIB
     return None
+
+
+def cgroup_oom_kills(*, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup.
+
+    v2 ``memory.events`` (``oom_kill N``) or v1 ``memory.oom_control``; None when no cgroup says.
+    """
+    for folder in cgroup_dirs("memory", root=root, proc_cgroup=proc_cgroup):
+        for name in ("memory.events", "memory.oom_control"):
+            text = _read(folder / name)
+            if text is None:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
+    return None

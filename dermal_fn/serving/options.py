@@ -39,7 +39,7 @@ class PredictOptions:
                 raise InvalidOption(f"expected top_k to be a whole number >= 1, found {_show(raw)}")
             top_k = int(raw)
             if top_k < 1:
-                raise InvalidOption(f"expected top_k >= 1, found {top_k}")
+                raise InvalidOption(f"expected top_k >= 1, found {_show(top_k)}")
         class_: int | str | None = None
         raw = values.get("class")
         if raw is not None and raw != "":
@@ -64,7 +64,7 @@ class PredictOptions:
         n = len(labels)
         if self.top_k > n:
             raise InvalidOption(
-                f"expected top_k between 1 and {n} (the model has {n} classes), found {self.top_k}"
+                f"expected top_k between 1 and {n} (the model has {n} classes), found {_show(self.top_k)}"
             )
         return CheckedOptions(
             top_k=self.top_k,
@@ -99,7 +99,7 @@ def class_index(value: int | str, labels: tuple[str, ...]) -> int:
         return labels.index(value)
     index = int(value)
     if not 0 <= index < n:
-        raise InvalidOption(f"expected class index 0..{n - 1}, found {index}")
+        raise InvalidOption(f"expected class index 0..{n - 1}, found {_show(index)}")
     return index
 
 
@@ -143,5 +143,7 @@ def _show(value: Any) -> str:
         return f"a string of {len(value)} characters"
     if isinstance(value, (list, dict)):
         return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        return f"a number of {len(str(abs(value)))} digits"
     text = repr(value)
     return text if len(text) <= 40 else f"a {type(value).__name__}"

@@ -144,6 +144,7 @@ class HealthBody(TypedDict):
     load_seconds: NotRequired[float]
     model: NotRequired[HealthModelJson]
     error: NotRequired[HealthErrorJson]
+    last_exit: NotRequired[Literal["out_of_memory"]]
 
 
 class MemoryJson(TypedDict):

@@ -44,6 +44,8 @@ def health_body(service: Service, *, trusted: bool = True) -> HealthBody:
             body["error"]["detail"] = error.detail
     else:
         body["loading"] = True
+    if holder.last_exit == "out_of_memory":
+        body["last_exit"] = "out_of_memory"
     return body
 
 

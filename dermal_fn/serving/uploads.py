@@ -65,6 +65,13 @@ def read_body(request: flask.Request, *, limit: int, timeout_s: float | None = N
             raise errors.InvalidRequest(
                 f"expected a complete body, found the upload cut short ({type(exc).__name__})"
             ) from exc
+        except Exception as exc:
+            if type(exc).__module__ != "gunicorn.http.errors":
+                raise
+            # gunicorn's body parser: bad chunk sizes, missing CRLF, NUL in an extension or trailer
+            raise errors.InvalidRequest(
+                f"expected well-formed chunked framing, found {type(exc).__name__} after {buffer.tell()} bytes"
+            ) from None
         if deadline.expired:
             raise deadline.error(buffer.tell())
     if declared is not None and buffer.tell() < declared:
