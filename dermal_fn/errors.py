@@ -4,7 +4,7 @@
     ├── RequestError              the client sent something we cannot serve (HTTP 4xx)
     │   ├── InvalidRequest        unreadable request: malformed multipart, JSON or base64
     │   ├── InvalidImage          the bytes are not a decodable image (or a decompression bomb)
-    │   ├── UnsupportedMediaType  a type we do not decode (SVG, HEIC, PDF, ...)
+    │   ├── UnsupportedMediaType  a type we do not decode (SVG, PDF, a video, ...)
     │   ├── PayloadTooLarge       the body is over MAX_UPLOAD_MB
     │   │   └── ImageTooLarge     the image would decode to more bytes than the budget (MAX_DECODE_MB)
     │   ├── InvalidOption         top_k, class, score or gradcam out of range or of the wrong type

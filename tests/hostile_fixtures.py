@@ -246,6 +246,12 @@ def avif() -> bytes:
     return struct.pack(">I", len(ftyp) + 4) + ftyp + b"\x00" * 32
 
 
+def mp4() -> bytes:
+    """The start of an MP4 video (ftyp brand ``isom``): ISO media, but not a photo."""
+    ftyp = b"ftyp" + b"isom" + b"\x00\x00\x02\x00" + b"isomiso2avc1mp41"
+    return struct.pack(">I", len(ftyp) + 4) + ftyp + b"\x00\x00\x00\x08free"
+
+
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
 SVG_XML = b'<?xml version="1.0"?>\n' + SVG
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"

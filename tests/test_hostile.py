@@ -94,8 +94,9 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], int, str]] = {
         415,
         "unsupported_media_type",
     ),
-    "heic": ({"data": hf.heic(), "content_type": "image/heic"}, 415, "unsupported_media_type"),
-    "heic_as_jpeg": ({"data": hf.heic(), "content_type": "image/jpeg"}, 415, "unsupported_media_type"),
+    "heic_cut_short": ({"data": hf.heic(), "content_type": "image/heic"}, 400, "invalid_image"),
+    "heic_cut_short_as_jpeg": ({"data": hf.heic(), "content_type": "image/jpeg"}, 400, "invalid_image"),
+    "video": ({"data": hf.mp4(), "content_type": "video/mp4"}, 415, "unsupported_media_type"),
     "avif": ({"data": hf.avif(), "content_type": "image/avif"}, 415, "unsupported_media_type"),
     "pdf": ({"data": hf.PDF, "content_type": "application/pdf"}, 415, "unsupported_media_type"),
     "pdf_as_octets": (
@@ -172,8 +173,8 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], int, str]] = {
     "base64_bad_padding": (js({"image_base64": B64[:-1] + "=A"}), 400, "invalid_request"),
     "base64_of_text": (js({"image_base64": base64.b64encode(b"just text").decode()}), 400, "invalid_image"),
     "base64_of_bomb": (js({"image_base64": base64.b64encode(hf.png_bomb()).decode()}), 400, "invalid_image"),
-    "base64_of_heic": (
-        js({"image_base64": base64.b64encode(hf.heic()).decode()}),
+    "base64_of_a_video": (
+        js({"image_base64": base64.b64encode(hf.mp4()).decode()}),
         415,
         "unsupported_media_type",
     ),

@@ -603,7 +603,9 @@ def test_a_keras_model_uri_without_tensorflow_says_why(
     assert health.status_code == 503 and "dermal-fn export" in health.get_json()["error"]["message"]
 
 
-def test_health_stays_503_while_a_failed_load_is_retried(client: Client, configure: Configure, tmp_path: Path) -> None:
+def test_health_stays_503_while_a_failed_load_is_retried(
+    client: Client, configure: Configure, tmp_path: Path
+) -> None:
     """A platform's health check must not see 200 "loading" between the retries of a load that keeps failing."""
     configure(MODEL_URI=str(tmp_path / "absent.dermal"), MODEL_RETRY_S="1")
     clock = FakeClock()

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
         (hf.animated("WEBP")[0], "WEBP"),
         (ODD["bmp"], "BMP"),
         (ODD["tiff"], "TIFF"),
+        (hf.heic(), "HEIF"),
+        (hf.avif(), "AVIF"),
     ],
 )
 def test_sniff_names_the_container_from_magic_bytes(data: bytes, kind: str) -> None:
@@ -40,8 +42,7 @@ def test_sniff_names_the_container_from_magic_bytes(data: bytes, kind: str) -> N
 @pytest.mark.parametrize(
     ("data", "error", "needle"),
     [
-        (hf.heic(), UnsupportedMediaType, "heic"),
-        (hf.avif(), UnsupportedMediaType, "avif"),
+        (hf.mp4(), UnsupportedMediaType, "a video or another ISO media file"),
         (hf.SVG, UnsupportedMediaType, "SVG"),
         (hf.SVG_XML, UnsupportedMediaType, "SVG"),
         (b"\xef\xbb\xbf  " + hf.SVG, UnsupportedMediaType, "SVG"),

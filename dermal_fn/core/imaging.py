@@ -8,6 +8,7 @@ writes a file or logs image content.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
@@ -53,6 +54,15 @@ class DecodedImage:
     decoded_bytes: int  # what the decoder's buffer held at its largest (the byte budget's measure)
 
 
+# what a client is told we take, in words a clinician knows
+EXPECTED = "a photo (JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF) or a DICOM image"
+# ISO media brands (ftyp): Apple's and Samsung's HEIC photos, AVIF
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"})
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
+# how each container is named to a person
+FORMAT_WORDS = {"HEIF": "HEIC photo", "AVIF": "AVIF photo", "DICOM": "DICOM image"}
+
+
 def sniff(data: bytes) -> str:
     """Name the container from magic bytes, or raise for what we do not decode."""
     head = data[:64]
@@ -69,21 +79,25 @@ def sniff(data: bytes) -> str:
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "TIFF"
     if head[4:8] == b"ftyp":
-        brand = head[8:12].decode("ascii", "replace")
-        raise UnsupportedMediaType(
-            f"expected JPEG, PNG, WebP, GIF, BMP or TIFF, found an ISO media file (brand {brand!r}: "
-            "HEIC/HEIF/AVIF); export the photo as JPEG"
-        )
+        box = int.from_bytes(head[:4], "big")
+        brands = {head[8:12]} | {head[i : i + 4] for i in range(16, min(box, len(head)) - 3, 4)}
+        if brands & AVIF_BRANDS and head[8:12] not in HEIF_BRANDS:
+            return "AVIF"
+        if brands & HEIF_BRANDS:
+            return "HEIF"
+        raise UnsupportedMediaType(f"expected {EXPECTED}, found a video or another ISO media file")
+    if data[128:132] == b"DICM":
+        return "DICOM"
     if head.startswith(b"%PDF"):
-        raise UnsupportedMediaType("expected JPEG, PNG, WebP, GIF, BMP or TIFF, found a PDF document")
+        raise UnsupportedMediaType(f"expected {EXPECTED}, found a PDF document")
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith((b"<svg", b"<?xml", b"<!doctype svg")):
         raise UnsupportedMediaType("expected a raster image (JPEG, PNG, WebP, ...), found SVG/XML")
     if not data:
         raise InvalidImage("expected image bytes, found an empty body")
     if _looks_like_text(head):
-        raise InvalidImage("expected JPEG, PNG, WebP, GIF, BMP or TIFF bytes, found text")
-    raise InvalidImage("expected JPEG, PNG, WebP, GIF, BMP or TIFF bytes, found an unknown format")
+        raise InvalidImage(f"expected {EXPECTED}, found text")
+    raise InvalidImage(f"expected {EXPECTED}, found an unknown format")
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -120,7 +134,7 @@ def decode(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[kind])
+            image = open_image(data, kind, max_pixels=max_pixels)
             width, height = image.size
             check_pixels(width, height, kind=kind, max_pixels=max_pixels)
             if kind == "JPEG":
@@ -146,10 +160,34 @@ def decode(
             "(a decompression bomb)"
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
+        words = FORMAT_WORDS.get(kind, f"{kind} image")
         raise InvalidImage(
-            f"expected a complete {kind} image, found a damaged one ({type(exc).__name__})"
+            f"expected a complete {words}, found a damaged one ({type(exc).__name__})"
         ) from exc
     return DecodedImage(rgb=rgb, format=kind, original_size=(width, height), decoded_bytes=needed)
+
+
+def open_image(data: bytes, kind: str, *, max_pixels: int) -> Image.Image:
+    """Pillow's image for ``kind``, pixels not yet decoded (a DICOM image: its first frame, decoded)."""
+    if kind == "HEIF":
+        _register_heif()
+    if kind == "DICOM":
+        from dermal_fn.core.dicom import first_frame
+
+        return first_frame(data, max_pixels=max_pixels)
+    return Image.open(io.BytesIO(data), formats=[kind])
+
+
+@functools.cache
+def _register_heif() -> None:
+    """pillow-heif's opener, registered on the first HEIC photo (its libheif is not loaded before)."""
+    try:
+        import pillow_heif
+    except ImportError:  # installed with the package; without it, say what is missing
+        raise UnsupportedMediaType(
+            "expected HEIC support on this server (pillow-heif), found it not installed"
+        ) from None
+    pillow_heif.register_heif_opener(thumbnails=False)
 
 
 def check_pixels(width: int, height: int, *, kind: str, max_pixels: int) -> None:

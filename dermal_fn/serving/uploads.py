@@ -26,9 +26,7 @@ from werkzeug.formparser import FormDataParser
 from dermal_fn import errors
 from dermal_fn.serving.options import OPTION_NAMES
 
-IMAGE_TYPES_HINT = (
-    "multipart/form-data (field 'image'), image/*, application/octet-stream or application/json"
-)
+IMAGE_TYPES_HINT = "multipart/form-data (field 'image'), image/*, application/dicom, application/octet-stream or application/json"
 BODY_READ = "dermal_fn.body_read"  # environ key: this request's body was read to its end
 # what a client's field name must look like to be echoed in a message
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
@@ -151,7 +149,7 @@ def parse_upload(
         return _multipart_image(form, files), options
     if mimetype == "application/json":
         return _json_image(body, options)
-    if mimetype.startswith("image/") or mimetype in ("application/octet-stream", ""):
+    if mimetype.startswith("image/") or mimetype in ("application/octet-stream", "application/dicom", ""):
         if not body:
             raise errors.InvalidImage("expected image bytes in the body, found an empty body")
         return body, options
