@@ -43,10 +43,10 @@ def dicom(image: Image.Image, *, jpeg: bool = False, frames: int = 1, grey: bool
     """A VL Photographic Image Storage file with the picture as its pixel data, and a patient in its tags."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.4"  # VL Photographic Image Storage
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.77.1.4")  # VL Photographic Image Storage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
     ds = Dataset()
