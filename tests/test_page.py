@@ -228,8 +228,8 @@ def open_tab(browser: Any) -> Iterator[Any]:
     """Open the page of a server in a fresh context at a viewport size; closed after the test."""
     contexts: list[Any] = []
 
-    def open_(server: ServerProcess, *, viewport: Mapping[str, int] = DESKTOP) -> Tab:
-        context = browser.new_context(viewport=dict(viewport))
+    def open_(server: ServerProcess, *, viewport: Mapping[str, int] = DESKTOP, locale: str = "en-US") -> Tab:
+        context = browser.new_context(viewport=dict(viewport), locale=locale)  # Accept-Language follows it
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(30_000)
@@ -632,3 +632,68 @@ def test_the_page_links_the_model_card(demo_server: ServerProcess, open_tab: Any
     assert href == demo_server.url + "/model"
     response = tab.page.request.get(href)
     assert response.status == 200 and response.json()["intended_use"]["summary"].startswith("Research")
+
+
+# --- Vietnamese and English ---------------------------------------------------------------------------------
+
+
+def test_a_vietnamese_browser_gets_the_page_and_its_answers_in_vietnamese(
+    server: ServerProcess, open_tab: Callable[..., Tab], photos: dict[str, Path]
+) -> None:
+    tab = open_tab(server, locale="vi-VN")
+    page = tab.page
+    assert page.evaluate("document.documentElement.lang") == "vi"
+    assert page.locator("#upload-title").text_content() == "Ảnh"
+    assert "Không phải chẩn đoán." in page.locator("#disclaimer").inner_text()
+    assert "sẵn sàng" in page.locator("#model-status-text").inner_text()
+    page.set_input_files("#file", str(photos["small.jpg"]))
+    page.wait_for_selector("#results[data-state=done]")
+    sentences = page.locator("#assessment li").all_inner_texts()
+    assert sentences and all(text and not text.startswith("The ") for text in sentences)
+    assert "Vùng mô hình chú ý khi dự đoán" in page.locator("#heat-caption").inner_text()
+    assert "top_activation" in (
+        page.locator("#heat-caption").get_attribute("title") or ""
+    )  # the detail, on hover
+    legend = page.locator("#legend")
+    assert legend.is_visible() and "ảnh hưởng nhiều nhất" in legend.inner_text()
+    assert page.locator("#toggle").inner_text() == "Hiện ảnh gốc"
+    tab.screenshot("desktop-vi-result")
+    assert tab.errors() == []
+
+
+def test_the_switch_changes_the_language_and_keeps_the_answer(
+    server: ServerProcess, open_tab: Callable[..., Tab], photos: dict[str, Path]
+) -> None:
+    tab = open_tab(server)
+    page = tab.page
+    assert page.evaluate("document.documentElement.lang") == "en"
+    page.set_input_files("#file", str(photos["small.jpg"]))
+    page.wait_for_selector("#results[data-state=done]")
+    english = page.locator("#predictions li").all_inner_texts()
+    assert page.locator("#lang").inner_text() == "Tiếng Việt"
+    page.click("#lang")
+    assert page.evaluate("document.documentElement.lang") == "vi"
+    assert page.locator("#upload-title").text_content() == "Ảnh"
+    assert (
+        page.locator("#predictions li").all_inner_texts() == english
+    )  # the same answer, relabelled around it
+    assert "Vùng mô hình chú ý" in page.locator("#heat-caption").inner_text()
+    assert page.locator("#lang").inner_text() == "English"
+    tab.screenshot("desktop-switched-to-vi")
+    page.reload()  # the choice is remembered in this browser
+    page.wait_for_selector("#model-status:not([data-state=unknown]):not([data-state=loading])")
+    assert page.evaluate("document.documentElement.lang") == "vi"
+    page.click("#lang")
+    assert page.locator("#upload-title").text_content() == "Photo"
+    assert tab.errors() == []
+
+
+def test_the_page_cannot_be_framed_and_runs_no_script_it_did_not_ship(server: ServerProcess) -> None:
+    status, headers, body = server.request("GET", "/", headers={"Accept-Language": "vi-VN,vi;q=0.9,en;q=0.8"})
+    assert status == 200 and b'<html lang="vi">' in body
+    policy = headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in policy and "'unsafe-inline'" not in policy
+    assert headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Content-Language"] == "vi" and "Accept-Language" in headers["Vary"]
+    _, english, _ = server.request("GET", "/", headers={"Accept-Language": "en-GB,en;q=0.9,vi;q=0.5"})
+    assert english["Content-Language"] == "en"

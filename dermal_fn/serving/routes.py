@@ -90,12 +90,34 @@ def page_policy() -> str:
     )
 
 
+PAGE_LANGUAGES = ("vi", "en")
+
+
+def preferred_language(accept_language: str | None, *, default: str = "en") -> str:
+    """``vi`` or ``en``, whichever ``Accept-Language`` ranks higher (q-values; ``vi-VN`` counts as ``vi``)."""
+    best, best_q = default, 0.0
+    for position, part in enumerate((accept_language or "").split(",")[:20]):
+        tag, _, params = part.strip().partition(";")
+        primary = tag.strip().lower().split("-")[0]
+        try:
+            q = float(params.strip()[2:]) if params.strip().startswith("q=") else 1.0
+        except ValueError:
+            q = 0.0
+        q -= position * 1e-6  # equal weights: the first listed wins
+        if primary in PAGE_LANGUAGES and q > best_q:
+            best, best_q = primary, q
+    return best
+
+
 def page(request: flask.Request, service: Service, log: RequestLog) -> flask.Response:
-    """The upload page."""
-    response = flask.Response(static_text("index.html"), mimetype="text/html")
+    """The upload page, in Vietnamese or English by ``Accept-Language`` (a switch on the page changes it)."""
+    language = preferred_language(request.headers.get("Accept-Language"))
+    html = static_text("index.html").replace('<html lang="en">', f'<html lang="{language}">', 1)
+    response = flask.Response(html, mimetype="text/html")
     response.headers["Content-Security-Policy"] = page_policy()
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Content-Language"] = "vi, en"
+    response.headers["Content-Language"] = language
+    response.headers["Vary"] = "Accept-Language"
     return response
 
 
