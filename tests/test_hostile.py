@@ -97,7 +97,7 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], int, str]] = {
     "heic_cut_short": ({"data": hf.heic(), "content_type": "image/heic"}, 400, "invalid_image"),
     "heic_cut_short_as_jpeg": ({"data": hf.heic(), "content_type": "image/jpeg"}, 400, "invalid_image"),
     "video": ({"data": hf.mp4(), "content_type": "video/mp4"}, 415, "unsupported_media_type"),
-    "avif": ({"data": hf.avif(), "content_type": "image/avif"}, 415, "unsupported_media_type"),
+    "avif_cut_short": ({"data": hf.avif(), "content_type": "image/avif"}, 400, "invalid_image"),
     "pdf": ({"data": hf.PDF, "content_type": "application/pdf"}, 415, "unsupported_media_type"),
     "pdf_as_octets": (
         {"data": hf.PDF, "content_type": "application/octet-stream"},
