@@ -30,7 +30,7 @@ from model_fetch.errors import (
     ModelTooLarge,
     StorageUnavailable,
 )
-from model_fetch.fetch import fetch_model
+from model_fetch.fetch import fetch_model, prune_cache
 from model_fetch.result import FetchedModel
 from model_fetch.uri import redact_uri
 
@@ -44,5 +44,6 @@ __all__ = [
     "StorageUnavailable",
     "default_cache_dir",
     "fetch_model",
+    "prune_cache",
     "redact_uri",
 ]

@@ -12,7 +12,18 @@ from model_fetch.errors import InvalidModelUri
 from model_fetch.gcs_cache import pinned_cached_copy
 from model_fetch.local import fetch_local
 from model_fetch.result import FetchedModel
-from model_fetch.uri import HttpLocation, LocalLocation, parse_model_uri
+from model_fetch.uri import GcsLocation, HttpLocation, LocalLocation, parse_model_uri
+
+
+def prune_cache(uri: str, cache_dir: str | os.PathLike[str], *, keep: Path) -> list[str]:
+    """After ``keep`` (fetched from ``uri``) has loaded: delete the cache's other copies of the same
+    object (older GCS generations; a URL's copy is replaced in place). The names removed."""
+    location = parse_model_uri(uri)
+    if isinstance(location, GcsLocation):
+        from model_fetch.gcs_cache import remove_other_generations
+
+        return remove_other_generations(location, Path(cache_dir), keep=keep)
+    return []
 
 
 def fetch_model(

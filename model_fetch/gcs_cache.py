@@ -63,6 +63,23 @@ def cached_generations(location: GcsLocation, cache_dir: Path) -> list[tuple[int
     return sorted(found, reverse=True)
 
 
+def remove_other_generations(location: GcsLocation, cache_dir: Path, *, keep: Path) -> list[str]:
+    """Delete the cached copies of ``location`` other than ``keep`` (older generations, replaced objects).
+
+    Called once the generation in ``keep`` has loaded: the cache may be in memory (Cloud Functions,
+    Cloud Run), where every stale copy costs the container what the model costs.
+    """
+    removed = []
+    for _, path in cached_generations(location, cache_dir):
+        if path != keep:
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path.name)
+    return removed
+
+
 def pinned_cached_copy(
     location: GcsLocation,
     *,

@@ -217,6 +217,34 @@ def test_restarted_server_reuses_the_cached_download(
     assert loaded["downloaded"] is False
 
 
+def test_a_replaced_object_leaves_one_copy_and_one_set_of_packed_weights(
+    fake_gcs: FakeGCS, server_factory: StartServer, test_bundle: Path, small_bundle: Path, tmp_path: Path
+) -> None:
+    """On Cloud Functions the cache is in memory: the generation in use stays, older ones go once it loaded."""
+    bucket = fake_gcs.create_bucket()
+    fake_gcs.upload(bucket, OBJECT, test_bundle.read_bytes())
+    cache = tmp_path / "cache"
+    env = gcs_env(fake_gcs, bucket, cache)
+    first = server_factory(env)
+    assert first.post_image("/predict", JPEG)[0] == 200
+    first.stop()
+
+    def copies() -> list[str]:
+        return sorted(
+            p.name for p in cache.iterdir() if p.is_file() and ".g" in p.name and not p.name.startswith(".")
+        )
+
+    (old,) = copies()
+    fake_gcs.upload(bucket, OBJECT, small_bundle.read_bytes())  # a new generation of the same object
+    second = server_factory(env)
+    status, body = second.post_image("/predict", JPEG)
+    assert status == 200 and body["model"]["sha256"] == hashlib.sha256(small_bundle.read_bytes()).hexdigest()
+    (new,) = copies()
+    assert new != old
+    assert len(list((cache / "xnnpack").glob("*.xnnpack"))) == 1  # the old model's packed weights went too
+    assert records(second, logger="dermal_fn.serving.holder", message_prefix="removed 1 older cached")
+
+
 def test_stop_kills_master_and_workers(server_factory: StartServer, test_bundle: Path) -> None:
     server = server_factory({"MODEL_URI": str(test_bundle)})
     pids = server.pids()

@@ -301,7 +301,9 @@ def litert_runtime() -> str:
 
 
 WEIGHT_CACHE_SUFFIX = ".xnnpack"
-WEIGHT_CACHES_KEPT = 3
+# only the model in use: on Cloud Functions and Cloud Run the cache folder is in memory, and an older
+# generation's packed weights cost as much of the container's memory as the model's own
+WEIGHT_CACHES_KEPT = 1
 
 
 def xnnpack_weight_cache_path(path: str | Path, *, sha256: str, folder: Path) -> Path:

@@ -145,7 +145,7 @@ class ModelHolder:
             )
 
     def _load(self) -> Engine:
-        from model_fetch import FetchError, fetch_model
+        from model_fetch import FetchError, fetch_model, prune_cache
 
         started = time.perf_counter()
         settings = self.settings
@@ -194,6 +194,12 @@ class ModelHolder:
         )
         self._engine = engine
         self._error, self._failures, self._retry_at = None, 0, None
+        if cache is not None:  # only now: until the new generation loaded, the old one was the fallback
+            removed = prune_cache(settings.model_uri, cache, keep=fetched.path)
+            if removed:
+                logger.info(
+                    "removed %d older cached cop(ies) of the model: %s", len(removed), ", ".join(removed)
+                )
         if engine.info.backend == "litert":
             close_quietly_at_exit(logger, engine.close)  # LiteRT's exit lines: JSON or dropped
         logger.info(
