@@ -14,6 +14,7 @@
     │   └── RequestTimeout        the body did not arrive within BODY_TIMEOUT_S (a slow client)
     ├── ServiceUnavailable        try again later (HTTP 503 with Retry-After)
     │   ├── ModelUnavailable      the model could not be fetched or loaded (or is still loading)
+    │   │   └── LoadTimedOut      fetching and loading took longer than MODEL_LOAD_TIMEOUT_S
     │   ├── Overloaded            the inference queue is full
     │   └── InsufficientMemory    decoding this image now would not fit in the memory left
     ├── ConfigError               an environment variable has a value we cannot use
@@ -110,6 +111,12 @@ class ModelUnavailable(ServiceUnavailable):
     """The model could not be fetched or loaded."""
 
     retry_after_s = 10
+
+
+class LoadTimedOut(ModelUnavailable):
+    """Fetching and loading the model took longer than MODEL_LOAD_TIMEOUT_S; the load was abandoned."""
+
+    says_why = True
 
 
 class Overloaded(ServiceUnavailable):

@@ -480,3 +480,46 @@ def test_the_service_tunes_its_process() -> None:
         assert set(service.allocator) <= set(memory.GLIBC_TUNABLES)
     else:
         assert service.allocator == {}
+
+
+def test_model_load_timeout_abandons_a_load_and_closes_what_it_finishes(test_bundle: Path) -> None:
+    """A load past MODEL_LOAD_TIMEOUT_S is a 503 at the bound; the native load cannot be stopped, so when it
+    ends its engine is closed, and no second load starts while it runs."""
+    from dermal_fn.errors import LoadTimedOut
+    from dermal_fn.serving.engines import load_engine
+
+    release = threading.Event()
+    opened: list[Any] = []
+    closed: list[Any] = []
+
+    def slow_open(*args: Any, **kwargs: Any) -> Any:
+        release.wait(60)  # a load held up until the test lets it go
+        engine = load_engine(*args, **kwargs)
+        close = engine.close
+
+        def counted_close() -> None:
+            closed.append(engine)
+            close()
+
+        engine.close = counted_close  # type: ignore[method-assign]
+        opened.append(engine)
+        return engine
+
+    clock = FakeClock()
+    settings = Settings(model_uri=str(test_bundle), model_load_timeout_s=0.2, model_retry_s=1.0)
+    holder = ModelHolder(settings, clock=clock, open_engine=slow_open)
+    with pytest.raises(ModelUnavailable, match="LoadTimedOut") as refused:
+        holder.get()
+    assert isinstance(refused.value.__cause__, LoadTimedOut)
+    assert holder.state == "error" and "MODEL_LOAD_TIMEOUT_S=0.2" in str(holder.error)
+    clock.advance(2.0)  # the backoff is over, but the abandoned load still runs: no second one
+    with pytest.raises(ModelUnavailable, match="still finishing"):
+        holder.get()
+    assert holder.attempts == 1
+    release.set()
+    abandoned = holder._abandoned
+    assert abandoned is not None
+    abandoned.join(60)
+    assert len(opened) == 1 and closed == opened  # finished, then closed: nothing of it stays
+    ok = ModelHolder(Settings(model_uri=str(test_bundle), model_load_timeout_s=30), open_engine=load_engine)
+    assert ok.get().info.labels  # within the bound: loaded as before

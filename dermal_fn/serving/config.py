@@ -191,7 +191,11 @@ class Settings:
         "QUEUE_TIMEOUT_S", 30.0, _number(0.0), "how long a request waits for the model before 503"
     )
     model_load_timeout_s: float = setting(
-        "MODEL_LOAD_TIMEOUT_S", 120.0, _number(0.1), "bound on loading the model (fetch included)"
+        "MODEL_LOAD_TIMEOUT_S",
+        120.0,
+        _number(0.1),
+        "bound on fetching and loading the model: past it the load is abandoned (503 and `/health` say"
+        " `LoadTimedOut`) and tried again after the backoff",
     )
     model_retry_s: float = setting(
         "MODEL_RETRY_S",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal, TypedDict
 
 from dermal_fn.core.engine import Engine
-from dermal_fn.errors import ConfigError, DermalError, ModelCrashed, ModelUnavailable
+from dermal_fn.errors import ConfigError, DermalError, LoadTimedOut, ModelCrashed, ModelUnavailable
 from dermal_fn.serving.config import Settings
 from dermal_fn.serving.crash_marker import CrashMarker
 from dermal_fn.serving.engines import load_engine
@@ -54,9 +54,16 @@ class ModelHolder:
     model as failed instead of crashing again.
     """
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        open_engine: Callable[..., Engine] = load_engine,
+    ) -> None:
         self.settings = settings
         self.clock = clock  # the backoff's time: tests pass a clock they move instead of sleeping
+        self.open_engine = open_engine  # load_engine; a test passes one it can hold up
         self._lock = threading.Lock()  # held for the whole of a load
         self._engine: Engine | None = None
         self._error: DermalError | None = None
@@ -71,6 +78,7 @@ class ModelHolder:
         # how the previous loader of this model ended, when not by a crash: "out_of_memory"
         self.last_exit: str | None = None
         self._cache_warned = False
+        self._abandoned: threading.Thread | None = None  # a load past MODEL_LOAD_TIMEOUT_S, still finishing
 
     @property
     def engine(self) -> Engine | None:
@@ -148,7 +156,15 @@ class ModelHolder:
         from model_fetch import FetchError, fetch_model, prune_cache
 
         started = time.perf_counter()
+        deadline = time.monotonic() + self.settings.model_load_timeout_s
         settings = self.settings
+        abandoned = self._abandoned
+        if abandoned is not None and abandoned.is_alive():  # never two loads' memory at once
+            raise ModelUnavailable(
+                "expected the model to be loaded, found the previous load, abandoned after "
+                f"MODEL_LOAD_TIMEOUT_S={settings.model_load_timeout_s:g} s, still finishing; retry shortly",
+                retry_after_s=math.ceil(settings.model_retry_s),
+            )
         self.attempts += 1
         try:
             if settings.demo_refused:
@@ -161,20 +177,10 @@ class ModelHolder:
                 settings.model_uri,
                 cache_dir=cache,
                 expected_sha256=settings.model_sha256,
-                timeout_s=settings.model_fetch_timeout_s,
+                timeout_s=max(0.1, min(settings.model_fetch_timeout_s, deadline - time.monotonic())),
                 max_bytes=settings.max_model_bytes,
             )
-            with CrashMarker(cache / "loading" if cache else None, key=fetched.sha256) as marker:
-                if marker.out_of_memory:
-                    self.last_exit = "out_of_memory"
-                    logger.warning("the previous worker was killed out of memory while loading this model")
-                engine = load_engine(
-                    fetched.path,
-                    sha256=fetched.sha256,
-                    num_threads=settings.litert_threads,
-                    weight_cache_dir=cache / "xnnpack" if cache else None,
-                    verified_dir=cache / "verified" if cache else None,
-                )
+            engine = self._open_within(fetched.path, fetched.sha256, cache, deadline=deadline)
         except Exception as exc:
             self._failed(exc, expected=isinstance(exc, (FetchError, DermalError, OSError)))
             assert self._error is not None
@@ -216,6 +222,61 @@ class ModelHolder:
                 }
             },
         )
+        return engine
+
+    def _open_within(self, path: Path, sha256: str, cache: Path | None, *, deadline: float) -> Engine:
+        """Open the engine in a thread of its own, waiting for it until ``deadline`` (``time.monotonic``).
+
+        Past the deadline the load is abandoned: LoadTimedOut now, and when the thread finishes, its
+        engine is closed (the native load cannot be interrupted; until it ends no other load starts).
+        The crash marker lives in that thread, for as long as the native load runs.
+        """
+        outcome: dict[str, object] = {}
+        guard = threading.Lock()
+        finished = threading.Event()
+
+        def load() -> None:
+            engine: Engine | None = None
+            try:
+                with CrashMarker(cache / "loading" if cache else None, key=sha256) as marker:
+                    if marker.out_of_memory:
+                        self.last_exit = "out_of_memory"
+                        logger.warning(
+                            "the previous worker was killed out of memory while loading this model"
+                        )
+                    engine = self.open_engine(
+                        path,
+                        sha256=sha256,
+                        num_threads=self.settings.litert_threads,
+                        weight_cache_dir=cache / "xnnpack" if cache else None,
+                        verified_dir=cache / "verified" if cache else None,
+                    )
+            except BaseException as exc:  # handed to the waiting thread, which raises it
+                outcome["error"] = exc
+            with guard:
+                outcome["engine"] = engine
+                abandoned = bool(outcome.get("abandoned"))
+            finished.set()
+            if abandoned and engine is not None:
+                engine.close()
+                logger.warning("an abandoned load finished after MODEL_LOAD_TIMEOUT_S; its engine is closed")
+
+        thread = threading.Thread(target=load, name="dermal-load", daemon=True)
+        thread.start()
+        finished.wait(max(0.0, deadline - time.monotonic()))
+        with guard:
+            if "engine" not in outcome:
+                outcome["abandoned"] = True
+                self._abandoned = thread
+                raise LoadTimedOut(
+                    f"expected the model to be fetched and loaded within MODEL_LOAD_TIMEOUT_S="
+                    f"{self.settings.model_load_timeout_s:g} s, found it still loading; the load was abandoned"
+                )
+        error = outcome.get("error")
+        if isinstance(error, BaseException):
+            raise error
+        engine = outcome["engine"]
+        assert isinstance(engine, Engine)
         return engine
 
     def _usable_cache(self) -> Path | None:
