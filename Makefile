@@ -79,7 +79,7 @@ browser:
 demo-model: $(DEV_STAMP)
 	$(PY) -m dermal_fn.tools.build_demo
 
-## the full benchmark beside TensorFlow and inside a 512 MiB cgroup, cold starts also at Render free's 0.1 CPU (~25 min; docs/benchmark.md, docs/trust.md)
+## the full benchmark beside TensorFlow and inside a 512 MiB cgroup, cold starts also at Render free's 0.1 CPU (about 25 min from a fresh clone; bench/README.md)
 bench: $(DEV_STAMP)
 	$(PY) -m bench.run --plot docs/benchmark-rss.png
 	$(PY) -m bench.hostile --json bench/out/hostile.json

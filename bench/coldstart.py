@@ -44,6 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench import results
 from bench.server import render_env
 from tests.http_fixtures import ServerProcess, jpeg_bytes
 
@@ -350,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         report["restart_cpu_guard"] = cpu_guard
         guards = guards | {"restart_cpu": cpu_guard}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    results.write("coldstart", report, also=args.json)
     regressed = [source for source, guard in guards.items() if guard["verdict"] != "ok"]
     return 1 if args.guard and regressed else 0
 

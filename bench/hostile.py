@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import cgroup
+from bench import cgroup, results
 from bench.server import REPO, Server, post
 
 MIB = 2**20
@@ -210,8 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = REPO / "bench" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = run(args.model, repeat=args.repeat, out_dir=out_dir, repo=args.repo.resolve())
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    results.write("hostile", result, also=args.json)
     sys.stdout.write(markdown(result) + "\n")
     return 0
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import results
+
 
 def time_invoke(
     bundle: Path, photo: Path, *, threads: int, runs: int, max_seconds: float
@@ -64,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bundle, args.photo, threads=args.threads, runs=args.runs, max_seconds=args.max_seconds
     )
     sys.stdout.write(json.dumps(result) + "\n")
+    results.write("invoke", result)
     return 0
 
 

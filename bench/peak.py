@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import results
 from bench.images import PHONE_SIZE, SMALL_SIZE, cached_photo
 from bench.load import run_load
 from bench.procs import cpu_seconds, pss_mb, status_mb, tree_pids
@@ -69,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (repeatable)")
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.env)
-    sys.stdout.write(json.dumps(measure(args.bundle.resolve(), seconds=args.seconds, env=env)) + "\n")
+    measured = measure(args.bundle.resolve(), seconds=args.seconds, env=env)
+    sys.stdout.write(json.dumps(measured) + "\n")
+    results.write("peak", measured)
     return 0
 
 

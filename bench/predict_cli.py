@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import results
+
 OUT = Path(__file__).resolve().parent / "out"
 
 
@@ -71,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     (b_rss, b_wall, b_total), (k_rss, k_wall, k_total) = rows.values()
     print(
         f"| ratio TensorFlow / bundle | {k_rss / b_rss:.1f}x | {k_wall / b_wall:.1f}x | {k_total / b_total:.1f}x |"
+    )
+    results.write(
+        "predict_cli",
+        {
+            name: {"peak_rss_mb": rss, "wall_s": wall, "in_process_ms": total}
+            for name, (rss, wall, total) in rows.items()
+        },
     )
     return 0
 

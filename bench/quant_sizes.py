@@ -1,10 +1,9 @@
 """Quantization cost on EfficientNetV2-S: bundle sizes per mode, then RAM, latency and agreement.
 
-    python bench/quant_sizes.py --out-dir bench/out/quant [--size 384] [--images 20]
+    python -m bench.quant_sizes --out-dir bench/out/quant [--size 384] [--images 20]
 
-Builds ``EfficientNetV2S(weights=None, include_top=False)`` + GlobalAveragePooling2D + Dropout +
-Dense(7, softmax), seeded (random weights cost the same bytes, memory and time as trained ones), saves
-it as ``.keras``, exports it with ``--quantize none``, ``fp16``, ``int8-dynamic`` and ``int8`` (each in
+Builds the benchmark's EfficientNetV2-S (``bench.models``: random weights, seeded; they cost the same
+bytes, memory and time as trained ones, though not the same agreement), saves it as ``.keras``, exports it with ``--quantize none``, ``fp16``, ``int8-dynamic`` and ``int8`` (each in
 its own ``python -m dermal_fn export`` process), prints the sizes as a Markdown table and checks that
 the int8 bundle is at most 35 % of the fp32 one. With ``--images N > 0`` it then runs
 ``python -m dermal_fn compare`` of the fp32 bundle against each quantized one on N generated images
@@ -16,30 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import models, results
+from bench.models import LABELS
+
 MODES = ("none", "fp16", "int8-dynamic", "int8")
-LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 INT8_MAX_SHARE = 0.35
-SEED = 0
-
-
-def build_keras(out: Path, *, size: int) -> None:
-    """Build, seed and save the classifier (TensorFlow is imported here only)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-
-    keras.utils.set_random_seed(SEED)
-    base = keras.applications.EfficientNetV2S(weights=None, include_top=False, input_shape=(size, size, 3))
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
-    x = keras.layers.Dropout(0.2, seed=SEED, name="top_dropout")(x)
-    outputs = keras.layers.Dense(len(LABELS), activation="softmax", name="predictions")(x)
-    keras.Model(base.input, outputs, name="effnetv2s").save(out)
 
 
 def xnnpack_speedup(bundle: Path, *, size: int, runs: int = 5) -> dict[str, float]:
@@ -86,32 +72,21 @@ def _run(command: Sequence[str], *, log: Path) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build, export every mode, report sizes (and compare figures); 1 when int8 is too big."""
-    parser = argparse.ArgumentParser(prog="python bench/quant_sizes.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.quant_sizes", description=__doc__)
     parser.add_argument("--out-dir", type=Path, default=Path("bench/out/quant"))
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--images", type=int, default=20, help="generated images for compare; 0 skips it")
-    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     out: Path = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    keras_path = out / f"effnetv2s_{args.size}.keras"
-    if args.build_only:
-        build_keras(keras_path, size=args.size)
-        return 0
     labels = out / "labels.txt"
     labels.write_text("".join(f"{label}\n" for label in LABELS), encoding="utf-8")
     python = sys.executable
-    env_path = str(Path(__file__).resolve().parents[1])
-    os.environ["PYTHONPATH"] = env_path + os.pathsep + os.environ.get("PYTHONPATH", "")
-    if env_path not in sys.path:
-        sys.path.insert(0, env_path)
     seconds: dict[str, float] = {}
-    if not keras_path.is_file():
-        seconds["build"] = _run(
-            [python, __file__, "--build-only", "--out-dir", str(out), "--size", str(args.size)],
-            log=out / "build.log",
-        )
+    started = time.perf_counter()
+    keras_path = models.keras_path(models.ModelSpec("effnetv2s", args.size), out)  # the one model builder
+    seconds["build"] = time.perf_counter() - started
     bundles: dict[str, Path] = {}
     for mode in MODES:
         bundle = out / f"effnetv2s_{args.size}_{mode}.dermal"
@@ -186,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print((out / f"compare_{mode}.log").read_text(encoding="utf-8"), flush=True)
         report["compare"] = comparisons
 
-    (out / "quant_sizes.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    results.write("quant_sizes", report, also=out / "quant_sizes.json")
     share = sizes["int8"] / base_size
     if share > INT8_MAX_SHARE:
         print(f"FAIL: int8 bundle is {share:.0%} of fp32, above {INT8_MAX_SHARE:.0%}", file=sys.stderr)

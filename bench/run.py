@@ -33,6 +33,7 @@ from typing import Any
 
 from bench import cgroup as cgroups
 from bench import images, models, report
+from bench import results as bench_results
 from bench.load import run_load
 from bench.plot import rss_plot
 from bench.procs import TreeMemory, cpu_seconds, tree_pids
@@ -441,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         args.plot.write_bytes(plot.read_bytes())
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    bench_results.write("run", results, folder=out)  # with the machine it ran on
     (out / "report.md").write_text(report.markdown(results, plot=plot))
     logger.info(
         "wrote %s, %s and %s in %.0f s", out / "report.md", out / "results.json", plot, results["elapsed_s"]

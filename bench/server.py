@@ -1,10 +1,16 @@
-"""The real server, started exactly as render.yaml starts it, and timed from spawn to its first 200."""
+"""The real server, started exactly as render.yaml starts it, and timed from spawn to its first 200.
+
+The one launcher of the project: ``START_COMMAND`` (render.yaml's, the README's, Cloud Functions'),
+:func:`start_argv`, :func:`free_port` and :func:`stop_group` are what the tests' servers
+(``tests/http_fixtures.py``) are started and stopped with too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,6 +22,25 @@ from types import TracebackType
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+START_COMMAND = "functions-framework --target=dermal --source=main.py --port=$PORT"
+LOOPBACK = "127.0.0.1"
+
+
+def start_argv(port: int, *, host: str | None = None) -> list[str]:
+    """START_COMMAND for ``port`` (and ``--host``, when given); run with this environment's bin on PATH."""
+    argv = shlex.split(START_COMMAND.replace("$PORT", str(port)))
+    return [*argv, f"--host={host}"] if host else argv
+
+
+def stop_group(process: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> int:
+    """Stop a server's whole process group: SIGTERM (gunicorn's graceful stop), SIGKILL after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.wait()
 
 
 def render_env(path: Path = REPO / "render.yaml") -> dict[str, str]:
@@ -39,9 +64,9 @@ class ServerFailed(RuntimeError):
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
 
 
@@ -89,12 +114,7 @@ class Server:
     @property
     def argv(self) -> list[str]:
         """The command line (render.yaml's startCommand, with $PORT filled in)."""
-        return [
-            str(BIN / "functions-framework"),
-            "--target=dermal",
-            "--source=main.py",
-            f"--port={self.port}",
-        ]
+        return start_argv(self.port)
 
     @property
     def pid(self) -> int:
@@ -162,15 +182,7 @@ class Server:
         process = self.process
         if process is None:
             return None
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-        return process.returncode
+        return stop_group(process)
 
     def __enter__(self) -> Server:
         return self.start()

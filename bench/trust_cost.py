@@ -23,55 +23,80 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import results
 from bench.server import REPO
 
 DEFAULT_MODEL = REPO / "bench" / "out" / "effnetv2s_384_none.dermal"
 
-CHILD = r"""
-import json, sys, time, dataclasses
-from pathlib import Path
-from dermal_fn.serving.config import Settings
-from dermal_fn.serving.options import PredictOptions
-from dermal_fn.serving import service as service_module
-from dermal_fn.core import trust
 
-bundle, photo_path, n, assess = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-photo = Path(photo_path).read_bytes()
-settings = dataclasses.replace(Settings.from_env({}), model_uri=bundle, litert_threads=2,
-                               memory_limit_mb=None, memory_soft_limit_mb=None)
-service = service_module.Service(settings)
-assess_ms = []
-original = service_module.assessment_json
-def timed(*args, **kwargs):
-    started = time.perf_counter()
-    out = original(*args, **kwargs)
-    assess_ms.append((time.perf_counter() - started) * 1e3)
-    return out
-service_module.assessment_json = timed
-quality_ms = []
-original_quality = trust.photo_quality
-def timed_quality(*args, **kwargs):
-    started = time.perf_counter()
-    out = original_quality(*args, **kwargs)
-    quality_ms.append((time.perf_counter() - started) * 1e3)
-    return out
-trust.photo_quality = timed_quality
-totals = []
-for _ in range(n):
-    body = service.predict(photo, PredictOptions(assess=assess)).body
-    totals.append(body["timing_ms"]["total"])
-status = {l.split(":")[0]: int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile"))}
-print(json.dumps({"totals": totals, "assess_ms": assess_ms, "quality_ms": quality_ms,
-                  "rss_mb": status["VmRSS"] / 1024, "hwm_mb": status["VmHWM"] / 1024,
-                  "anon_mb": status["RssAnon"] / 1024, "file_mb": status["RssFile"] / 1024,
-                  "distribution": body.get("assessment", {}).get("distribution")}))
-"""
+def child(bundle: str, photo_path: str, n: int, assess: bool) -> dict[str, Any]:
+    """In a fresh process: ``n`` predictions of one photo, the assessment's own time measured apart."""
+    import dataclasses
+    import time
+
+    from dermal_fn.core import trust
+    from dermal_fn.serving import service as service_module
+    from dermal_fn.serving.config import Settings
+    from dermal_fn.serving.options import PredictOptions
+
+    photo = Path(photo_path).read_bytes()
+    settings = dataclasses.replace(
+        Settings.from_env({}),
+        model_uri=bundle,
+        litert_threads=2,
+        memory_limit_mb=None,
+        memory_soft_limit_mb=None,
+    )
+    service = service_module.Service(settings)
+    assess_ms: list[float] = []
+    quality_ms: list[float] = []
+
+    def timed(original: Any, into: list[float]) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            out = original(*args, **kwargs)
+            into.append((time.perf_counter() - started) * 1e3)
+            return out
+
+        return wrapper
+
+    service_module.assessment_json = timed(service_module.assessment_json, assess_ms)
+    trust.photo_quality = timed(trust.photo_quality, quality_ms)
+    totals = []
+    body: Any = {}
+    for _ in range(n):
+        body = service.predict(photo, PredictOptions(assess=assess)).body
+        totals.append(body["timing_ms"]["total"])
+    status = {
+        line.split(":")[0]: int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile"))
+    }
+    return {
+        "totals": totals,
+        "assess_ms": assess_ms,
+        "quality_ms": quality_ms,
+        "rss_mb": status["VmRSS"] / 1024,
+        "hwm_mb": status["VmHWM"] / 1024,
+        "anon_mb": status["RssAnon"] / 1024,
+        "file_mb": status["RssFile"] / 1024,
+        "distribution": body.get("assessment", {}).get("distribution"),
+    }
 
 
 def measure(bundle: Path, photo: Path, *, requests: int, assess: bool) -> dict[str, Any]:
     """One fresh process serving ``bundle``; its figures."""
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(bundle), str(photo), str(requests), "1" if assess else "0"],
+        [
+            sys.executable,
+            "-m",
+            "bench.trust_cost",
+            "--child",
+            str(bundle),
+            str(photo),
+            str(requests),
+            "1" if assess else "0",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -97,6 +122,13 @@ def _median_run(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["--child"]:  # one measuring process (see measure)
+        child_bundle, child_photo, child_n, child_assess = args_in[1:5]
+        sys.stdout.write(
+            json.dumps(child(child_bundle, child_photo, int(child_n), child_assess == "1")) + "\n"
+        )
+        return 0
     parser = argparse.ArgumentParser(prog="python -m bench.trust_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=15)
@@ -152,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{assessment} | {quality} |"
         )
     sys.stdout.write("\n".join(lines) + "\n")
+    results.write("trust_cost", {"table": lines})
     return 0
 
 

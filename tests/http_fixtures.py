@@ -23,7 +23,6 @@ import io
 import json
 import os
 import select
-import shlex
 import signal
 import socket
 import subprocess
@@ -40,13 +39,14 @@ import numpy as np
 from PIL import Image
 
 from bench.procs import cpu_seconds
+from bench.server import LOOPBACK, free_port, stop_group
+from bench.server import start_argv as bench_start_argv
 from dermal_fn.serving.config import environment_variables
 from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-START_COMMAND = "functions-framework --target=dermal --source=main.py --port=$PORT"
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 _PR_SET_DEATHSIG = 1
 # environment variables a test server never inherits from the test process (they would change it)
 # every variable Settings reads (its field table), and what the platforms and the library read
@@ -148,18 +148,9 @@ def read_response(sock: socket.socket, *, timeout_s: float = 15.0) -> tuple[int,
 # --- a real functions-framework process --------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def start_argv(port: int) -> list[str]:
     """START_COMMAND for ``port``, plus ``--host=127.0.0.1`` (tests never listen on all interfaces)."""
-    argv = shlex.split(START_COMMAND.replace("$PORT", str(port)))
-    return [*argv, f"--host={HOST}"]
+    return bench_start_argv(port, host=HOST)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -271,15 +262,8 @@ class ServerProcess:
     def stop(self) -> None:
         """Stop the server's whole process group (SIGTERM: gunicorn's graceful stop; SIGKILL after 5 s)."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5.0)
-        with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        if process is not None:
+            stop_group(process, grace_s=5.0)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from bench.server import START_COMMAND
 from dermal_fn.serving.config import Settings
-from tests.http_fixtures import REPO_ROOT, START_COMMAND, start_argv
+from tests.http_fixtures import REPO_ROOT, start_argv
 
 CONTRACT_VARIABLES = (
     "MODEL_URI",
