@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from dermal_fn.core import bundle as bundle_format
+from dermal_fn.core.agreement import pearson_r, top_region, top_region_iou
 from dermal_fn.core.engine import LiteRTEngine, litert_runtime
 from dermal_fn.core.imaging import decode, model_input
 from dermal_fn.demo import synth
 from dermal_fn.errors import ExportError
 from dermal_fn.tools.cli import main as cli
-from dermal_fn.tools.compare import pearson_r, top_region, top_region_iou
 from dermal_fn.tools.folders import calibration_images
 
 SIZE = 64
@@ -565,3 +565,88 @@ def test_a_confident_model_exports(tmp_path: Path, mode: str) -> None:
         .probabilities
     )
     assert probabilities[0] > 1 - 1e-6
+
+
+# --- the quantization gate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp16", "int8-dynamic", "int8"])
+def test_every_quantized_bundle_carries_its_gate(bundles: dict[str, Path], mode: str) -> None:
+    gate = bundle_format.read(bundles[mode]).manifest.extra["verification"]["quantized"]
+    assert gate["passed"] is True
+    assert gate["top1_agreement"] >= gate["min_agreement"] == 0.98
+    assert gate["heatmap_r_mean"] >= gate["min_heatmap_r"] == 0.95
+    assert 0.0 <= gate["top_region_iou_mean"] <= 1.0 and gate["images"] >= 1
+    if mode == "int8":  # calibrated on four fifths of the folder, checked on the fifth it never saw
+        assert (
+            gate["source"].startswith("held-out photos of the --calibration folder") and gate["images"] == 3
+        )
+    else:  # no folder given: checked on generated images, and it says so
+        assert gate["source"].startswith("generated images")
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_a_quantized_bundle_below_the_gate_is_not_written(
+    bundles: dict[str, Path],
+    demo_keras: Path,
+    calibration: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The floor set just above what this int8 bundle measured: the same export now refuses, writes nothing."""
+    measured = bundle_format.read(bundles["int8"]).manifest.extra["verification"]["quantized"]
+    assert measured["heatmap_r_mean"] < 1.0  # int8 really moves the heatmap a little
+    floor = round(min(1.0, measured["heatmap_r_mean"] + 1e-4), 6)
+    out = tmp_path / "int8.dermal"
+    argv = [
+        "export",
+        str(demo_keras),
+        "--out",
+        str(out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(calibration),
+    ]
+    with caplog.at_level(logging.ERROR):
+        assert cli([*argv, "--min-heatmap-r", str(floor)]) == 2
+    assert "refusing to write the int8 bundle" in caplog.text and "mean heatmap r" in caplog.text
+    assert "--min-heatmap-r" in caplog.text and "calibrate on more of your own photos" in caplog.text
+    assert not out.exists() and not list(tmp_path.glob(".*verifying"))
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_verify_names_the_photos_the_gate_uses(demo_keras: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fp16.dermal"
+    assert (
+        cli(["export", str(demo_keras), "--out", str(out), "--quantize", "fp16", "--verify", str(images)])
+        == 0
+    )
+    gate = bundle_format.read(out).manifest.extra["verification"]["quantized"]
+    assert gate["source"] == "photos of the --verify folder" and gate["images"] == 100
+    assert gate["top1_agreement"] >= 0.98
+
+
+def test_the_model_card_shows_the_gate(tmp_path: Path, small_bundle: Path) -> None:
+    from dermal_fn.serving.card import model_card
+    from dermal_fn.serving.engines import load_engine
+    from tests.models import rewrite_bundle
+
+    gate = {
+        "images": 3,
+        "source": "held-out photos",
+        "top1_agreement": 1.0,
+        "heatmap_r_mean": 0.99,
+        "passed": True,
+    }
+
+    def add_gate(manifest: dict[str, Any]) -> None:
+        manifest.setdefault("verification", {})["quantized"] = gate
+
+    path = rewrite_bundle(small_bundle, tmp_path / "gated.dermal", edit=add_gate)
+    card = model_card(load_engine(path, sha256="x"))
+    assert card["quantization"]["measured_against_fp32"] == gate

@@ -13,9 +13,8 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,15 @@ from dermal_fn.core.engine import LiteRTEngine
 from dermal_fn.core.head import Head
 from dermal_fn.core.imaging import INPUT_PRESETS, INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.errors import ExportError
+from dermal_fn.keras.convert import convert_backbone
 from dermal_fn.keras.verify import (
+    MIN_AGREEMENT,
+    MIN_HEATMAP_R,
     QUANTIZATIONS,
     Quantization,
+    QuantizationReport,
     Verification,
+    compare_quantized,
     refusals,
     verification_inputs,
     verify,
@@ -88,80 +92,6 @@ def _triple(values: Sequence[float]) -> tuple[float, float, float]:
 
 # given the model's input (height, width), the int8 calibration inputs
 CalibrationSource = Callable[[tuple[int, int]], Sequence[np.ndarray]]
-
-
-def convert_backbone(
-    backbone: Any,
-    *,
-    input_size: tuple[int, int],
-    quantize: Quantization,
-    calibration: Sequence[np.ndarray] = (),
-) -> bytes:
-    """The backbone as a LiteRT flatbuffer, with batch size 1 and the requested quantization."""
-    import tensorflow as tf
-    from tensorflow.lite.python.convert import ConverterError
-
-    h, w = input_size
-    with tempfile.TemporaryDirectory(prefix="dermal-export-") as tmp:
-        signature = tf.TensorSpec((1, h, w, 3), tf.float32)
-        if type(backbone).__module__.startswith("tf_keras"):
-            # Keras 2 has no Model.export: convert its inference function, batch 1, training off
-            function = tf.function(lambda x: backbone(x, training=False), input_signature=[signature])
-            converter = tf.lite.TFLiteConverter.from_concrete_functions(
-                [function.get_concrete_function()], backbone
-            )
-        else:
-            saved = os.path.join(tmp, "saved_model")
-            backbone.export(saved, format="tf_saved_model", verbose=False, input_signature=[signature])
-            converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        if quantize == "fp16":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "int8-dynamic":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        elif quantize == "int8":
-            samples = list(calibration)
-
-            def representative() -> Iterator[list[np.ndarray]]:
-                for sample in samples:
-                    yield [sample]
-
-            if not samples:
-                raise ExportError("expected calibration images for --quantize int8, found none")
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = representative
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            # integer inside, float at the edges: the engine feeds float pixels and the head reads floats
-            converter.inference_input_type = tf.float32
-            converter.inference_output_type = tf.float32
-        try:
-            flatbuffer = bytes(converter.convert())
-        except ConverterError as exc:
-            raise ExportError(
-                f"expected the backbone to convert with --quantize {quantize}, found: {str(exc).strip()[:500]}"
-            ) from exc
-    if quantize == "int8":
-        check_integer_backbone(flatbuffer)
-    return flatbuffer
-
-
-def check_integer_backbone(flatbuffer: bytes) -> None:
-    """Refuse an int8 backbone whose input/output are not float32 or that kept float convolutions."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=flatbuffer)
-    edges = [*interpreter.get_input_details(), *interpreter.get_output_details()]
-    not_float = [(d["name"], np.dtype(d["dtype"]).name) for d in edges if np.dtype(d["dtype"]) != np.float32]
-    if not_float:
-        raise ExportError(f"expected float32 input and output on the int8 backbone, found {not_float}")
-    float_ops = [
-        op["op_name"]
-        for op in interpreter._get_ops_details()
-        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-        and any(interpreter._get_tensor_details(i, 0)["dtype"] == np.float32 for i in op["inputs"] if i >= 0)
-    ]
-    if float_ops:
-        raise ExportError(f"expected an integer-only backbone, found float ops {sorted(set(float_ops))}")
 
 
 @dataclass(frozen=True)
@@ -288,6 +218,70 @@ def verify_or_refuse(
     return report
 
 
+GENERATED_GATE_IMAGES = 24
+
+
+def gate_or_refuse(
+    staging: Path,
+    loaded: Loaded,
+    *,
+    quantize: Quantization,
+    spec: InputSpec,
+    held_out: Sequence[np.ndarray] | CalibrationSource | None,
+    source: str,
+    min_agreement: float,
+    min_heatmap_r: float,
+) -> QuantizationReport:
+    """Step 4b: the quantized bundle against the fp32 model on held-out images; ExportError below the floors."""
+    split_ = loaded.split
+    inputs = list(held_out(split_.input_size) if callable(held_out) else (held_out or ()))
+    if not inputs:
+        source = "generated images (no photos were given: pass --verify DIR or --calibration DIR of your own)"
+        inputs = verification_inputs(
+            split_.input_size,
+            spec.scale,
+            count=GENERATED_GATE_IMAGES,
+            seed=7,
+            normalization=spec.normalization,
+        )
+    engine = LiteRTEngine(staging, sha256=path_sha256(staging), num_threads=min(os.cpu_count() or 1, 4))
+    try:
+        gate = compare_quantized(
+            engine,
+            loaded.keras_engine,
+            inputs,
+            source=source,
+            min_agreement=min_agreement,
+            min_heatmap_r=min_heatmap_r,
+        )
+    finally:
+        engine.close()
+    logger.info(
+        "      against fp32 on %d %s: top-1 agreement %.3f, mean heatmap r %.3f (min %.3f), top-20%% IoU %.3f, "
+        "max |Δp| %.3f",
+        gate.images,
+        source,
+        gate.top1_agreement,
+        gate.heatmap_r_mean,
+        gate.heatmap_r_min,
+        gate.top_region_iou_mean,
+        gate.max_probability_diff,
+    )
+    if gate.misses:
+        hint = (
+            "calibrate on more of your own photos (--calibration DIR, 100 or more), or use --quantize "
+            "int8-dynamic or fp16"
+            if quantize == "int8"
+            else "use --quantize fp16 or none"
+        )
+        raise ExportError(
+            f"refusing to write the {quantize} bundle: against the fp32 model on {gate.images} {source}, "
+            + "; ".join(gate.misses)
+            + f"; {hint}"
+        )
+    return gate
+
+
 def export_keras(
     model_path: str | Path,
     out_path: str | Path,
@@ -303,8 +297,17 @@ def export_keras(
     name: str | None = None,
     custom_objects: str | Path | None = None,
     verify_inputs: int = 4,
+    held_out: Sequence[np.ndarray] | CalibrationSource | None = None,
+    held_out_source: str = "held-out photos",
+    min_agreement: float = MIN_AGREEMENT,
+    min_heatmap_r: float = MIN_HEATMAP_R,
 ) -> Verification:
     """Turn a Keras classifier into one bundle file: load, convert, verify or refuse, write.
+
+    A quantized bundle is also held to the fp32 model on ``held_out`` images (model inputs, or a
+    function of the input size; ``held_out_source`` says where they came from): below
+    ``min_agreement`` top-1 agreement or ``min_heatmap_r`` mean heatmap correlation nothing is
+    written (ExportError). Without images it is held to generated ones, and says so.
 
     ``calibration``: model inputs for ``--quantize int8``, or a function of the model's input size
     that returns them (the caller reads them, e.g. from a folder with
@@ -357,7 +360,20 @@ def export_keras(
         bundle_format.write(staging, backbone=backbone, manifest=manifest, head=head)
         logger.info("[4/5] verifying the bundle against Keras on %d inputs", verify_inputs)
         report = verify_or_refuse(staging, loaded, quantize=quantize, spec=spec, count=verify_inputs)
-        final = dataclasses.replace(manifest, extra={**manifest.extra, "verification": report.as_json()})
+        verification: dict[str, object] = dict(report.as_json())
+        if quantize != "none":
+            gate = gate_or_refuse(
+                staging,
+                loaded,
+                quantize=quantize,
+                spec=spec,
+                held_out=held_out,
+                source=held_out_source,
+                min_agreement=min_agreement,
+                min_heatmap_r=min_heatmap_r,
+            )
+            verification["quantized"] = gate.as_json()
+        final = dataclasses.replace(manifest, extra={**manifest.extra, "verification": verification})
         bundle_format.write(out_path, backbone=backbone, manifest=final, head=head)
     finally:
         staging.unlink(missing_ok=True)

@@ -150,3 +150,84 @@ def refusals(report: Verification, *, quantize: Quantization) -> list[str]:
             f"{PROBABILITY_TOLERANCE:g} or |Δheatmap| {report.max_heatmap_diff:.2e} > {HEATMAP_TOLERANCE:g})"
         )
     return problems
+
+
+# --- the quantization gate -------------------------------------------------------------------------------
+
+MIN_AGREEMENT = 0.98
+MIN_HEATMAP_R = 0.95
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """A quantized bundle against the fp32 Keras model on held-out images (the gate's figures)."""
+
+    images: int
+    source: str  # where the images came from: held-out calibration photos, --verify, generated
+    top1_agreement: float
+    max_probability_diff: float
+    mean_probability_diff: float
+    heatmap_r_mean: float
+    heatmap_r_min: float
+    top_region_iou_mean: float
+    min_agreement: float
+    min_heatmap_r: float
+
+    @property
+    def misses(self) -> list[str]:
+        """The figures below their floors, in words (empty: the gate holds)."""
+        out = []
+        if self.top1_agreement < self.min_agreement:
+            out.append(f"top-1 agreement {self.top1_agreement:.3f} < --min-agreement {self.min_agreement:g}")
+        if self.heatmap_r_mean < self.min_heatmap_r:
+            out.append(f"mean heatmap r {self.heatmap_r_mean:.3f} < --min-heatmap-r {self.min_heatmap_r:g}")
+        return out
+
+    def as_json(self) -> dict[str, float | int | str | bool]:
+        """Plain data for the manifest (``verification.quantized``) and the model card."""
+        values: dict[str, float | int | str | bool] = {
+            k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()
+        }
+        values["passed"] = not self.misses
+        return values
+
+
+def compare_quantized(
+    bundle_engine: LiteRTEngine,
+    keras_engine: Engine,
+    inputs: Sequence[np.ndarray],
+    *,
+    source: str,
+    min_agreement: float = MIN_AGREEMENT,
+    min_heatmap_r: float = MIN_HEATMAP_R,
+) -> QuantizationReport:
+    """The quantized bundle against the fp32 model on ``inputs``: agreement, probabilities, heatmaps.
+
+    The heatmaps compared are each model's Grad-CAM of the fp32 model's top class (logit score).
+    """
+    from dermal_fn.core.agreement import pearson_r, top_region_iou
+
+    agree, max_p, mean_p, rs, ious = 0, 0.0, [], [], []
+    for pixels in inputs:
+        reference = keras_engine.run(pixels, score="logit")
+        ours = bundle_engine.run(pixels, class_index=reference.class_index, score="logit")
+        assert ours.grid is not None and reference.grid is not None
+        difference = np.abs(ours.probabilities - reference.probabilities)
+        max_p = max(max_p, float(difference.max()))
+        mean_p.append(float(difference.mean()))
+        agree += int(np.argmax(ours.probabilities) == np.argmax(reference.probabilities))
+        rs.append(pearson_r(ours.grid, reference.grid))
+        ious.append(top_region_iou(ours.grid, reference.grid))
+    n = max(len(inputs), 1)
+    return QuantizationReport(
+        images=len(inputs),
+        source=source,
+        top1_agreement=agree / n,
+        max_probability_diff=max_p,
+        mean_probability_diff=float(np.mean(mean_p)) if mean_p else 0.0,
+        heatmap_r_mean=float(np.mean(rs)) if rs else 0.0,
+        heatmap_r_min=float(np.min(rs)) if rs else 0.0,
+        top_region_iou_mean=float(np.mean(ious)) if ious else 0.0,
+        min_agreement=min_agreement,
+        min_heatmap_r=min_heatmap_r,
+    )

@@ -61,6 +61,10 @@ def model_card(engine: Engine) -> dict[str, Any]:
             }
             if isinstance(verification, dict)
             else None,
+            # a quantized bundle against its fp32 model on held-out photos (the exporter's gate)
+            "measured_against_fp32": verification.get("quantized")
+            if isinstance(verification, dict)
+            else None,
         },
         "verification": verification,
         "calibrated": info.calibrated,

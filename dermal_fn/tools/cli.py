@@ -23,16 +23,39 @@ def _export(args: argparse.Namespace) -> int:
     from dermal_fn.keras.export import export_keras, input_spec
     from dermal_fn.tools.folders import calibration_images
 
-    if args.calibration is not None and args.quantize != "int8":
-        logging.getLogger("dermal_fn").warning(
-            "--calibration is used by --quantize int8 only; ignored for %s", args.quantize
-        )
     spec = input_spec(args.input_scale, mean=args.mean, std=args.std, resize=args.resize)
+    read: dict[tuple[str | None, tuple[int, int]], list[np.ndarray]] = {}
+
+    def photos(folder: str | None, size: tuple[int, int], limit: int) -> list[np.ndarray]:
+        if (folder, size) not in read:
+            read[folder, size] = calibration_images(
+                folder, size, spec.scale, limit=limit, resize=spec.resize, normalization=spec.normalization
+            )
+        return read[folder, size]
+
+    # int8 calibrates on four fifths of --calibration and is checked on the fifth it never saw,
+    # unless --verify names photos of their own; other modes are checked on either folder
+    hold_out = args.quantize == "int8" and args.verify is None and args.calibration is not None
 
     def calibration(size: tuple[int, int]) -> list[np.ndarray]:
-        return calibration_images(
-            args.calibration, size, spec.scale, resize=spec.resize, normalization=spec.normalization
-        )
+        images = photos(args.calibration, size, 125 if hold_out else 100)
+        return [x for i, x in enumerate(images) if i % 5 != 4] if hold_out else images
+
+    def held_out(size: tuple[int, int]) -> list[np.ndarray]:
+        if args.verify is not None:
+            return photos(args.verify, size, 100)
+        if args.calibration is None:
+            return []  # the exporter checks on generated images, and says so
+        images = photos(args.calibration, size, 125 if hold_out else 100)
+        return [x for i, x in enumerate(images) if i % 5 == 4] if hold_out else images
+
+    source = (
+        "photos of the --verify folder"
+        if args.verify is not None
+        else "held-out photos of the --calibration folder (every fifth, not calibrated on)"
+        if hold_out
+        else "photos of the --calibration folder"
+    )
 
     export_keras(
         args.model,
@@ -47,6 +70,10 @@ def _export(args: argparse.Namespace) -> int:
         resize=args.resize,
         name=args.name,
         custom_objects=args.custom_objects,
+        held_out=held_out if args.quantize != "none" else None,
+        held_out_source=source,
+        min_agreement=args.min_agreement,
+        min_heatmap_r=args.min_heatmap_r,
     )
     return 0
 
@@ -128,7 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--layer", help="Grad-CAM layer (default: the last layer with a 4-D output)")
     export.add_argument("--quantize", default="none", choices=["none", "fp16", "int8-dynamic", "int8"])
-    export.add_argument("--calibration", help="folder of images for --quantize int8")
+    export.add_argument(
+        "--calibration",
+        help="folder of your own photos: int8 calibrates on four fifths and is checked on the rest;"
+        " other modes are checked on it",
+    )
+    export.add_argument("--verify", help="folder of photos a quantized bundle is checked on against fp32")
+    export.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.98,
+        help="a quantized bundle below this top-1 agreement with fp32 is not written (0.98)",
+    )
+    export.add_argument(
+        "--min-heatmap-r",
+        type=float,
+        default=0.95,
+        help="a quantized bundle below this mean heatmap Pearson r with fp32 is not written (0.95)",
+    )
     export.add_argument(
         "--input-scale",
         default="raw",

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dermal_fn.core.agreement import pearson_r, top_region_iou
 from dermal_fn.errors import DermalError, InvalidImage, UnsupportedMediaType
 from dermal_fn.tools.folders import image_files
 from model_fetch.digest import path_sha256
@@ -40,45 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TOP_REGION_SHARE = 0.2
-EPS = 1e-12
 MEASURE_TIMEOUT_S = 1800.0
-
-
-# --- numbers -----------------------------------------------------------------------------------------
-
-
-def pearson_r(a: np.ndarray, b: np.ndarray, *, eps: float = EPS) -> float:
-    """Pearson correlation of two grids; two constant grids correlate 1 if equal, else 0."""
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"expected grids of one shape, found {np.shape(a)} and {np.shape(b)}")
-    dx = x - x.mean()
-    dy = y - y.mean()
-    sx = math.sqrt(float(dx @ dx))
-    sy = math.sqrt(float(dy @ dy))
-    if sx <= eps or sy <= eps:
-        return 1.0 if sx <= eps and sy <= eps and np.allclose(x, y) else 0.0
-    return float(np.clip(float(dx @ dy) / (sx * sy), -1.0, 1.0))
-
-
-def top_region(grid: np.ndarray, *, share: float = TOP_REGION_SHARE) -> np.ndarray:
-    """Boolean mask of the ``share`` highest cells (at least one; ties go to the earlier cell)."""
-    flat = np.asarray(grid, dtype=np.float64).ravel()
-    k = max(1, math.ceil(share * flat.size - 1e-9))
-    order = np.argsort(-flat, kind="stable")[:k]
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[order] = True
-    return mask.reshape(np.shape(grid))
-
-
-def top_region_iou(a: np.ndarray, b: np.ndarray, *, share: float = TOP_REGION_SHARE) -> float:
-    """Intersection over union of the two grids' top-``share`` regions."""
-    ra = top_region(a, share=share)
-    rb = top_region(b, share=share)
-    union = int(np.count_nonzero(ra | rb))
-    return float(np.count_nonzero(ra & rb)) / union if union else 1.0
 
 
 # --- data --------------------------------------------------------------------------------------------
