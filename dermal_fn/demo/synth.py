@@ -37,7 +37,9 @@ HAIR_PROBABILITY = 0.3
 CENTRE_RANGE = (0.25, 0.75)  # spot centre, as a fraction of the side
 OUTER_RADIUS_RANGE = (0.08, 0.22)  # farthest drawn spot pixel from its centre, fraction of the side
 
-# Skin tones from very light to dark (roughly Fitzpatrick I to VI), interpolated piecewise.
+# Skin tones from very light to dark (roughly Fitzpatrick I to VI), interpolated piecewise; a tone is
+# a position in [0, 5] along them (0 very light, 5 dark)
+ALL_TONES = (0.0, 5.0)
 _SKIN_TONES = np.array(
     [
         [243, 220, 200],
@@ -86,12 +88,13 @@ def generate(
     size: int = 128,
     label: int | None = None,
     hair: bool | None = None,
+    tones: tuple[float, float] = ALL_TONES,
 ) -> Sample:
     """Draw one image of skin, with the spot of class `label` (random when None).
 
     `hair` forces hairs on or off; None draws them with probability HAIR_PROBABILITY. Hairs are
     drawn last, so the same generator state with hair on and off gives the same image apart from
-    the hair pixels.
+    the hair pixels. ``tones`` limits the skin to a part of the range (a light-skin-only data set).
     """
     if size < 32:
         raise ValueError(f"expected size >= 32 pixels, found {size}")
@@ -105,7 +108,7 @@ def generate(
 
     rows = np.arange(size, dtype=np.float32)[:, None] + 0.5
     cols = np.arange(size, dtype=np.float32)[None, :] + 0.5
-    image = _skin(rng, size=size, rows=rows, cols=cols)
+    image = _skin(rng, size=size, rows=rows, cols=cols, tones=tones)
 
     mask = np.zeros((size, size), dtype=bool)
     centre: tuple[int, int] | None = None
@@ -131,7 +134,14 @@ def generate(
     return Sample(image=pixels, label=label, mask=mask, centre=centre, hair=hair_drawn)
 
 
-def generate_batch(n: int, *, seed: int, size: int = 128, classes: Sequence[int] | None = None) -> Batch:
+def generate_batch(
+    n: int,
+    *,
+    seed: int,
+    size: int = 128,
+    classes: Sequence[int] | None = None,
+    tones: tuple[float, float] = ALL_TONES,
+) -> Batch:
     """Draw `n` images balanced over `classes` (default all LABELS), the same for the same seed.
 
     Class counts differ by at most one; the order is shuffled.
@@ -146,7 +156,7 @@ def generate_batch(n: int, *, seed: int, size: int = 128, classes: Sequence[int]
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.empty((n, size, size), dtype=bool)
     for index, label in enumerate(labels):
-        sample = generate(rng, size=size, label=int(label))
+        sample = generate(rng, size=size, label=int(label), tones=tones)
         images[index] = sample.image
         masks[index] = sample.mask
     return Batch(images=images, labels=labels.astype(np.int64), masks=masks)
@@ -211,9 +221,16 @@ def _soft_inside(rho: np.ndarray, boundary: np.ndarray | float, *, edge: float) 
     return t * t * (np.float32(3.0) - np.float32(2.0) * t)
 
 
-def _skin(rng: np.random.Generator, *, size: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Skin of a random tone with low-frequency shading and mid-frequency texture, float RGB."""
-    position = float(rng.uniform(0.0, len(_SKIN_TONES) - 1))
+def _skin(
+    rng: np.random.Generator,
+    *,
+    size: int,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    tones: tuple[float, float] = ALL_TONES,
+) -> np.ndarray:
+    """Skin of a random tone within ``tones`` with low-frequency shading and mid-frequency texture, float RGB."""
+    position = float(rng.uniform(*tones))
     lower = min(int(position), len(_SKIN_TONES) - 2)
     tone = _SKIN_TONES[lower] + (position - lower) * (_SKIN_TONES[lower + 1] - _SKIN_TONES[lower])
     tone = tone * rng.uniform(0.96, 1.04, size=3).astype(np.float32)
@@ -349,14 +366,20 @@ def _hairs(rng: np.random.Generator, image: np.ndarray, *, size: int) -> np.ndar
 
 
 def save_labelled(
-    directory: Path | str, n: int, *, seed: int, size: int = 128, fmt: Literal["jpeg", "png"] = "jpeg"
+    directory: Path | str,
+    n: int,
+    *,
+    seed: int,
+    size: int = 128,
+    fmt: Literal["jpeg", "png"] = "jpeg",
+    tones: tuple[float, float] = ALL_TONES,
 ) -> list[Path]:
     """Write ``n`` generated images into one sub-folder per label (``directory/<label>/00012.jpg``); the paths.
 
     The layout ``calibrate`` and ``evaluate`` read (``image_dataset_from_directory``'s).
     """
     folder = Path(directory)
-    batch = generate_batch(n, seed=seed, size=size)
+    batch = generate_batch(n, seed=seed, size=size, tones=tones)
     paths: list[Path] = []
     for index, (pixels, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
         sub = folder / LABELS[int(label)]

@@ -112,7 +112,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dermal_fn.tools.trust import evaluate, evaluation_table
 
-    report = evaluate(args.bundle, args.data, ood=args.ood)
+    report = evaluate(args.bundle, args.data, ood=args.ood, audit_images=args.audit_images, html=args.html)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     sys.stdout.write(evaluation_table(report) + "\n")
@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="one sub-folder per label, named as the labels")
     evaluate.add_argument("--ood", help="a folder of images unlike the data: the distribution score's AUROC")
     evaluate.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
+    evaluate.add_argument("--html", help="also write the audit as one self-contained HTML page here")
+    evaluate.add_argument(
+        "--audit-images", type=int, default=50, help="photos that get the faithfulness curves (50; 0 skips)"
+    )
     evaluate.set_defaults(run=_evaluate)
 
     compare = commands.add_parser("compare", help="quantization report: BASE vs OTHER on a folder of images")

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,9 +48,17 @@ class Outputs:
 
 
 def run_files(
-    engine: LiteRTEngine, files: Sequence[tuple[Path, int]], *, progress: TextIO | None = sys.stderr
+    engine: LiteRTEngine,
+    files: Sequence[tuple[Path, int]],
+    *,
+    progress: TextIO | None = sys.stderr,
+    visit: Callable[..., None] | None = None,
 ) -> Outputs:
-    """Decode each file as the server does, run the bundle, keep what calibration and evaluation need."""
+    """Decode each file as the server does, run the bundle, keep what calibration and evaluation need.
+
+    ``visit`` (the audit) is called for each decoded photo with its RGB, size, model input, feature
+    map, reported probabilities and label, in the order of the outputs.
+    """
     info = engine.info
     logits, reported, pooled, labels = [], [], [], []
     skipped = 0
@@ -67,6 +75,15 @@ def run_files(
         result = engine.head.forward(features)
         logits.append(result.logits)
         reported.append(engine.reported(result.logits, result.probabilities))
+        if visit is not None:
+            visit(
+                rgb=decoded.rgb,
+                original_size=decoded.original_size,
+                pixels=pixels,
+                features=features,
+                reported=reported[-1],
+                label=label,
+            )
         pooled.append(trust.pooled(features))
         labels.append(label)
     bar.done()
@@ -230,13 +247,19 @@ def evaluate(
     *,
     ood: str | Path | None = None,
     progress: TextIO | None = sys.stderr,
+    audit_images: int = 50,
+    html: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Balanced accuracy, per-class recall and AUROC, ECE, NLL, coverage; with ``ood``, the distribution AUROC."""
+    """Balanced accuracy, per-class recall and AUROC, ECE, NLL, coverage; with ``ood``, the distribution AUROC;
+    the audit (``explanations`` on ``audit_images`` photos, ``skin_tone`` on all); with ``html``, the report."""
+    from dermal_fn.tools.audit import Auditor
+
     path = Path(bundle_path)
     engine = LiteRTEngine(path, sha256="evaluating")
     labels = engine.info.labels
+    auditor = Auditor(engine, images=audit_images)
     try:
-        outputs = run_files(engine, labelled_files(data, labels), progress=progress)
+        outputs = run_files(engine, labelled_files(data, labels), progress=progress, visit=auditor.visit)
         outside = (
             run_files(engine, [(f, -1) for f in image_files(ood, option="--ood")], progress=progress)
             if ood
@@ -291,6 +314,30 @@ def evaluate(
             "distribution_auroc": None,
             "note": "uncalibrated bundle",
         }
+    report["explanations"] = auditor.explanations()
+    flagged = model.scores(outputs.pooled) > model.threshold if model is not None else None
+    report["skin_tone"] = auditor.skin_tone(p, y, threshold=threshold, flagged_out=flagged)
+    if html is not None:
+        from dermal_fn.tools.report_html import write_report
+
+        head = engine.head
+        before = trust.calibrated(
+            outputs.logits, temperature=1.0, output=head.output_activation, binary=head.binary
+        )
+        write_report(
+            Path(html),
+            report,
+            labels=labels,
+            truth=y,
+            before=before,
+            after=p,
+            inside_scores=model.scores(outputs.pooled) if model is not None else None,
+            outside_scores=model.scores(outside.pooled)
+            if model is not None and outside is not None
+            else None,
+            distribution_threshold=model.threshold if model is not None else None,
+            errors=auditor.errors(),
+        )
     return report
 
 
