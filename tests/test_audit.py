@@ -177,3 +177,52 @@ def test_the_html_report_is_one_self_contained_page(
         browser.close()
     assert problems == []
     assert math.isfinite(demo_report[0]["ece"])
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_the_audit_finds_the_gap_of_a_model_trained_on_light_skin_only(tmp_path: Path) -> None:
+    """The demo CNN trained on very light and light skin only (the generator's tones 0-1.2 of 0-5), then
+    evaluated on every tone: the skin-tone table must show it failing on the skin it never saw."""
+    from dermal_fn.demo.train import train
+    from dermal_fn.keras.export import export_keras
+    from dermal_fn.tools.trust import evaluate
+
+    keras_path = train(tmp_path / "light", size=64, epochs=4, n_train=480, n_validation=32, tones=(0.0, 1.2))
+    bundle = tmp_path / "light.dermal"
+    export_keras(keras_path, bundle, labels=keras_path.with_name("labels.txt"))
+    synth.save_labelled(tmp_path / "all-tones", 360, seed=77)
+    skin = evaluate(bundle, tmp_path / "all-tones", audit_images=0, progress=None)["skin_tone"]
+    groups = {g["group"]: g for g in skin["groups"]}
+    gap = skin["equity_gap"]
+    assert gap["best"] in ("very_light", "light") and gap["worst"] not in ("very_light", "light")
+    assert gap["balanced_accuracy"] >= 0.2
+    assert groups["very_light"]["balanced_accuracy"] > groups["dark"]["balanced_accuracy"] + 0.2
+
+
+def test_evaluate_write_puts_the_audit_in_the_model_card(tmp_path: Path) -> None:
+    from dermal_fn.serving.card import model_card
+    from dermal_fn.serving.engines import load_engine
+    from dermal_fn.tools.cli import main
+
+    synth.save_labelled(tmp_path / "data", 60, seed=5)
+    out = tmp_path / "audited.dermal"
+    argv = [
+        "evaluate",
+        str(DEMO_BUNDLE),
+        "--data",
+        str(tmp_path / "data"),
+        "--audit-images",
+        "5",
+        "--write",
+        str(out),
+    ]
+    assert main(argv) == 0
+    card = model_card(load_engine(out, sha256="audited"))
+    audit_section = card["audit"]
+    assert audit_section is not None and audit_section["images"] == 60
+    assert {g["group"] for g in audit_section["skin_tone"]["groups"]} == {
+        name for name, _, _ in audit.ITA_BANDS
+    }
+    assert "curves" not in audit_section["explanations"] and "deletion_auc" in audit_section["explanations"]
+    assert card["calibrated"] is True  # the copy keeps the demo's calibration

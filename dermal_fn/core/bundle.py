@@ -315,3 +315,28 @@ def _parse_manifest(data: Any) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"expected a complete manifest, found a problem with {exc}") from exc
+
+
+def copy_with(
+    source: str | Path,
+    target: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    calibration: Calibration | None = None,
+) -> Bundle:
+    """``source`` written to ``target`` with manifest sections added (``extra``) or a new calibration;
+    the backbone and head are the same bytes. The new bundle, read back."""
+    loaded = read(source)
+    with open(source, "rb") as f:
+        backbone = f.read(loaded.manifest.backbone_bytes)
+    manifest = loaded.manifest
+    if extra:
+        manifest = dataclasses.replace(manifest, extra={**manifest.extra, **extra})
+    write(
+        target,
+        backbone=backbone,
+        manifest=manifest,
+        head=loaded.head,
+        calibration=calibration or loaded.calibration,
+    )
+    return read(target)

@@ -71,6 +71,7 @@ def model_card(engine: Engine) -> dict[str, Any]:
         "calibration": calibration,
         "evaluation": calibration.get("evaluation") if isinstance(calibration, dict) else None,
         "source": extra.get("source"),
+        "audit": extra.get("audit"),  # evaluate --write: faithfulness, the sanity check, the skin-tone table
         "intended_use": INTENDED_USE,
     }
     return card

@@ -184,6 +184,7 @@ class ModelCardJson(TypedDict):
     calibration: dict[str, Any] | None
     evaluation: dict[str, Any] | None
     source: dict[str, Any] | None
+    audit: dict[str, Any] | None
     intended_use: dict[str, str]
 
 

@@ -113,6 +113,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dermal_fn.tools.trust import evaluate, evaluation_table
 
     report = evaluate(args.bundle, args.data, ood=args.ood, audit_images=args.audit_images, html=args.html)
+    if args.write:
+        from dermal_fn.tools.trust import write_audit
+
+        write_audit(args.bundle, args.write, report)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     sys.stdout.write(evaluation_table(report) + "\n")
@@ -218,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ood", help="a folder of images unlike the data: the distribution score's AUROC")
     evaluate.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
     evaluate.add_argument("--html", help="also write the audit as one self-contained HTML page here")
+    evaluate.add_argument(
+        "--write", help="also write a copy of the bundle that carries the audit (GET /model shows it)"
+    )
     evaluate.add_argument(
         "--audit-images", type=int, default=50, help="photos that get the faithfulness curves (50; 0 skips)"
     )

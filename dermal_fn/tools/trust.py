@@ -233,11 +233,7 @@ def calibrate(
         "fitted_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     }
     calibration = trust.Calibration(temperature, threshold, model, section)
-    with open(source, "rb") as f:
-        backbone = f.read(manifest.backbone_bytes)
-    out_path = Path(out)
-    bundle_format.write(out_path, backbone=backbone, manifest=manifest, head=head, calibration=calibration)
-    bundle_format.read(out_path)  # what was written reads back, calibration included
+    bundle_format.copy_with(source, out, calibration=calibration)  # read back, calibration included
     return section
 
 
@@ -339,6 +335,20 @@ def evaluate(
             errors=auditor.errors(),
         )
     return report
+
+
+def write_audit(bundle_path: str | Path, out: str | Path, report: dict[str, Any]) -> Path:
+    """A copy of the bundle whose manifest carries the audit (``GET /model`` shows it as ``audit``)."""
+    explanations = {k: v for k, v in report["explanations"].items() if k != "curves"}
+    section = {
+        "evaluated_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "images": report["images"],
+        "balanced_accuracy": report["balanced_accuracy"],
+        "ece": report["ece"],
+        "explanations": explanations,
+        "skin_tone": report["skin_tone"],
+    }
+    return bundle_format.copy_with(bundle_path, out, extra={"audit": section}).path
 
 
 def _round(value: float) -> float | None:
