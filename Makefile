@@ -9,8 +9,12 @@ DEV_STAMP := $(VENV)/.dev-installed
 TEST_VENV := .venv-test
 TPY := $(TEST_VENV)/bin/python
 TEST_STAMP := $(TEST_VENV)/.test-installed
+# Apache Beam's environment (requirements-batch.txt: apache-beam pins pillow<13): the batch tests run here
+BATCH_VENV := .venv-batch
+BPY := $(BATCH_VENV)/bin/python
+BATCH_STAMP := $(BATCH_VENV)/.batch-installed
 
-.PHONY: serve test lock lint typecheck pytest pytest-serving pytest-tensorflow test-models demo-model bench bench-smoke browser clean
+.PHONY: serve test lock lint typecheck pytest pytest-serving pytest-tensorflow pytest-batch test-models demo-model bench bench-smoke browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +36,16 @@ $(TEST_STAMP): requirements-test.lock
 	$(TPY) -m pip install --quiet --require-hashes -r requirements-test.lock
 	touch $@
 
+$(BATCH_STAMP): requirements-batch.lock
+	$(PYTHON) -m venv $(BATCH_VENV)
+	$(BPY) -m pip install --quiet --upgrade pip
+	$(BPY) -m pip install --quiet --require-hashes -r requirements-batch.lock
+	touch $@
+
 ## re-lock requirements*.txt into requirements*.lock (hashes; Linux x86-64, Python 3.11.7 as on Render)
 lock: | $(PY)
 	$(PY) -m pip install --quiet uv==0.13.9
-	for name in requirements requirements-test requirements-dev; do \
+	for name in requirements requirements-test requirements-dev requirements-batch; do \
 	  $(VENV)/bin/uv pip compile $$name.txt --generate-hashes --python-version 3.11.7 \
 	    --python-platform x86_64-unknown-linux-gnu --no-header --quiet -o $$name.lock; done
 	$(VENV)/bin/uv pip compile requirements-tfkeras.txt --no-deps --generate-hashes --python-version 3.11.7 \
@@ -47,7 +57,7 @@ serve: $(SERVE_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" functions-framework --target=dermal --source=main.py --port=$(PORT)
 
 ## lint, type-check and run every test: the serving half without TensorFlow installed, then the rest
-test: $(DEV_STAMP) $(TEST_STAMP) browser lint typecheck pytest-serving pytest-tensorflow
+test: $(DEV_STAMP) $(TEST_STAMP) $(BATCH_STAMP) browser lint typecheck pytest-serving pytest-tensorflow pytest-batch
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
@@ -62,11 +72,15 @@ pytest: $(DEV_STAMP)
 
 ## the tests that need no TensorFlow, in an environment that has none (requirements-test.txt)
 pytest-serving: $(TEST_STAMP)
-	$(TPY) -m pytest -m "not tensorflow" $(PYTEST_ARGS)
+	$(TPY) -m pytest -m "not tensorflow and not batch" $(PYTEST_ARGS)
 
 ## the tests that need TensorFlow (export, the reference backend, oracles)
 pytest-tensorflow: $(DEV_STAMP)
 	$(PY) -m pytest -m tensorflow $(PYTEST_ARGS)
+
+## the Apache Beam tests, in Beam's environment (requirements-batch.txt)
+pytest-batch: $(BATCH_STAMP)
+	$(BPY) -m pytest -m batch tests/test_batch.py $(PYTEST_ARGS)
 
 ## rebuild the small bundles committed for tests (tests/data)
 test-models: $(DEV_STAMP)
@@ -91,4 +105,4 @@ bench-smoke: $(DEV_STAMP)
 	$(PY) -m bench.run --quick --allow-no-cgroup --out bench/out/smoke
 
 clean:
-	rm -rf $(VENV) $(TEST_VENV) .pytest_cache .mypy_cache .ruff_cache artifacts
+	rm -rf $(VENV) $(TEST_VENV) $(BATCH_VENV) .pytest_cache .mypy_cache .ruff_cache artifacts

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import flask
 
 from dermal_fn import errors
-from dermal_fn.serving.responses import ERROR_TABLE, error_response, json_response, status_for
+from dermal_fn.serving.error_codes import ERROR_TABLE, status_for
+from dermal_fn.serving.responses import error_response, json_response
 from dermal_fn.serving.routes import RequestLog, authenticated, authorise, route_for, show_path
 from dermal_fn.serving.service import Service, get_service
 from dermal_fn.serving.shapes import ErrorBody, ErrorJson

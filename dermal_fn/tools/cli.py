@@ -110,9 +110,18 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dermal_fn.tools.trust import evaluate, evaluation_table
+    from dermal_fn.tools.trust import evaluate, evaluate_rows, evaluation_table
 
-    report = evaluate(args.bundle, args.data, ood=args.ood, audit_images=args.audit_images, html=args.html)
+    if args.rows is not None:
+        report = evaluate_rows(args.bundle, args.rows)
+    elif args.data is None:
+        raise DermalError(
+            "expected --data DIR (one sub-folder per label) or --rows 'PREFIX-*.jsonl', found neither"
+        )
+    else:
+        report = evaluate(
+            args.bundle, args.data, ood=args.ood, audit_images=args.audit_images, html=args.html
+        )
     if args.write:
         from dermal_fn.tools.trust import write_audit
 
@@ -218,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="balanced accuracy, ECE, NLL, AUROC, coverage on a folder"
     )
     evaluate.add_argument("bundle")
-    evaluate.add_argument("--data", required=True, help="one sub-folder per label, named as the labels")
+    evaluate.add_argument("--data", help="one sub-folder per label, named as the labels")
+    evaluate.add_argument(
+        "--rows", help="instead of --data: dermal-fn batch rows with labels ('PREFIX-*.jsonl')"
+    )
     evaluate.add_argument("--ood", help="a folder of images unlike the data: the distribution score's AUROC")
     evaluate.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
     evaluate.add_argument("--html", help="also write the audit as one self-contained HTML page here")
@@ -245,6 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(run=_compare)
 
+    batch = commands.add_parser(
+        "batch",
+        help="score a folder, glob, gs:// prefix or CSV of paths on Apache Beam (needs dermal-fn[batch])",
+    )
+    batch.add_argument("--model", required=True, help="a bundle, gs:// or https:// URI")
+    batch.add_argument(
+        "--input", required=True, help="a folder, a glob, a gs:// prefix or glob, or a CSV of paths"
+    )
+    batch.add_argument("--output", required=True, help="the output prefix: PREFIX-00000-of-0000N.jsonl")
+    batch.add_argument("--heatmaps", help="also write each photo's overlay PNG into this folder")
+    batch.add_argument("--top-k", type=int, help="classes per row (default: all of them)")
+    batch.add_argument("--no-gradcam", action="store_true")
+    batch.add_argument("--threads", type=int, default=1, help="LiteRT threads per worker (1)")
+    batch.set_defaults(run=_batch)
+
     serve = commands.add_parser(
         "serve", help="serve the HTTP API with functions-framework (MODEL_URI, or the synthetic demo)"
     )
@@ -252,6 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0")
     serve.set_defaults(run=_serve)
     return parser
+
+
+def _batch(args: argparse.Namespace) -> int:
+    try:
+        from dermal_fn.batch.pipeline import run
+    except ImportError as exc:
+        raise DermalError(
+            f"expected Apache Beam for batch scoring, found it not installed ({exc.name}): pip install 'dermal-fn[batch]'"
+        ) from None
+    summary = run(
+        args.model,
+        args.input,
+        args.output,
+        heatmaps=args.heatmaps,
+        top_k=args.top_k,
+        gradcam=not args.no_gradcam,
+        beam_args=args.beam_args,
+        threads=args.threads,
+    )
+    sys.stdout.write(json.dumps(summary.as_json()) + "\n")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -274,7 +322,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; errors are one clear line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "batch":  # only batch passes options on (to Beam)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.beam_args = extra
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import math
 import sys
@@ -335,6 +336,77 @@ def evaluate(
             errors=auditor.errors(),
         )
     return report
+
+
+def evaluate_rows(bundle_path: str | Path, pattern: str) -> dict[str, Any]:
+    """The classification figures of ``evaluate`` from ``dermal-fn batch`` rows that carry a ``label``
+    (a CSV's label column) and every class's probability (the batch default): a large evaluation is
+    Beam, then this. The audit needs the photos themselves: run ``evaluate --data`` on a sample."""
+    import glob
+
+    engine = LiteRTEngine(Path(bundle_path), sha256="evaluating")
+    labels = engine.info.labels
+    calibration = engine.calibration
+    engine.close()
+    probabilities, truth, flagged, errors, unlabelled = [], [], [], 0, 0
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DatasetError(f"expected batch rows at {pattern}, found no file")
+    for file in files:
+        for line in Path(file).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if "error" in row:
+                errors += 1
+                continue
+            if row.get("label") not in labels:
+                unlabelled += 1
+                continue
+            p = np.zeros(len(labels))
+            for prediction in row["predictions"]:
+                p[prediction["index"]] = prediction["probability"]
+            if len(row["predictions"]) < len(labels):
+                raise DatasetError(
+                    f"expected every class's probability in the rows, found {len(row['predictions'])} of "
+                    f"{len(labels)}: run batch without --top-k"
+                )
+            probabilities.append(p)
+            truth.append(labels.index(row["label"]))
+            flagged.append(row.get("assessment", {}).get("distribution", {}).get("status") == "out")
+    if not truth:
+        raise DatasetError(
+            f"expected rows with a label among {list(labels)}, found none in {len(files)} file(s)"
+        )
+    p_all, y = np.asarray(probabilities), np.asarray(truth)
+    per_class_recall = trust.recalls(p_all, y, len(labels))
+    threshold = calibration.confidence_threshold if calibration is not None else trust.UNCALIBRATED_CONFIDENCE
+    accepted = p_all.max(axis=1) >= threshold
+    correct = p_all.argmax(axis=1) == y
+    return {
+        "bundle": Path(bundle_path).name,
+        "source": f"batch rows ({len(files)} file(s))",
+        "calibrated": calibration is not None,
+        "images": len(y),
+        "error_rows": errors,
+        "unlabelled_rows": unlabelled,
+        "skipped": errors,
+        "balanced_accuracy": _round(float(np.nanmean(per_class_recall))),
+        "accuracy": _round(float(np.mean(correct))),
+        "ece": _round(trust.ece(p_all, y)),
+        "nll": _round(trust.nll(p_all, y)),
+        "confidence_threshold": _round(threshold),
+        "coverage": _round(float(np.mean(accepted))),
+        "accuracy_when_confident": _round(float(np.mean(correct[accepted]))) if accepted.any() else None,
+        "flagged_out": {"data": _round(float(np.mean(flagged)))},
+        "per_class": [
+            {
+                "label": label,
+                "images": int(np.sum(y == k)),
+                "recall": _round(per_class_recall[k]),
+                "auroc": None,
+            }
+            for k, label in enumerate(labels)
+        ],
+    }
 
 
 def write_audit(bundle_path: str | Path, out: str | Path, report: dict[str, Any]) -> Path:
