@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import results
+from bench.procs import status_mb
 from bench.server import REPO
 
 DEFAULT_MODEL = REPO / "dermal_fn" / "models" / "synthetic_demo.dermal"
@@ -54,7 +54,7 @@ def child(kind: str, model: str, folder: str, out: str) -> dict[str, Any]:
 
         run(model, folder, out, threads=1)
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = status_mb(os.getpid(), "VmHWM")  # its own peak (ru_maxrss would carry the parent's across exec)
     return {
         "kind": kind,
         "images": len(files),

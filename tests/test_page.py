@@ -697,3 +697,48 @@ def test_the_page_cannot_be_framed_and_runs_no_script_it_did_not_ship(server: Se
     assert headers["Content-Language"] == "vi" and "Accept-Language" in headers["Vary"]
     _, english, _ = server.request("GET", "/", headers={"Accept-Language": "en-GB,en;q=0.9,vi;q=0.5"})
     assert english["Content-Language"] == "en"
+
+
+@pytest.fixture(scope="module")
+def audited_server(
+    page_servers: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> ServerProcess:
+    """The demo bundle with its audit stored (evaluate --write), served."""
+    from dermal_fn.models import DEMO_BUNDLE
+    from dermal_fn.tools.cli import main
+
+    folder = tmp_path_factory.mktemp("audited")
+    synth.save_labelled(folder / "data", 60, seed=5)
+    out = folder / "audited.dermal"
+    argv = [
+        "evaluate",
+        str(DEMO_BUNDLE),
+        "--data",
+        str(folder / "data"),
+        "--audit-images",
+        "2",
+        "--write",
+        str(out),
+    ]
+    assert main(argv) == 0
+    return page_servers({"MODEL_URI": str(out)})
+
+
+def test_the_model_card_shows_the_skin_tone_table_in_vietnamese(
+    audited_server: ServerProcess, open_tab: Callable[..., Tab]
+) -> None:
+    tab = open_tab(audited_server, locale="vi-VN")
+    page = tab.page
+    page.wait_for_selector("#card:not([hidden])")
+    page.click("#card-details summary")
+    rows = page.locator("#card-body tr[data-band]")
+    assert rows.count() == 6
+    assert rows.first.locator("td").first.inner_text() == "rất sáng"
+    text = page.locator("#card-body").inner_text()
+    assert "Không phải thiết bị y tế" in text and "Kết quả theo màu da" in text
+    if page.locator("#card-body tr.thin").count():
+        assert "quá ít để đánh giá" in text  # thin bands are said to be thin
+    tab.screenshot("desktop-vi-model-card")
+    page.click("#lang")
+    assert rows.first.locator("td").first.inner_text() == "very light"
+    assert tab.errors() == []
