@@ -265,33 +265,13 @@ def evaluate(
     finally:
         engine.close()
     p, y = outputs.probabilities, outputs.labels
-    per_class_recall = trust.recalls(p, y, len(labels))
-    per_class_auroc = trust.one_vs_rest_auroc(p, y, len(labels))
     calibration = engine.calibration
     threshold = calibration.confidence_threshold if calibration is not None else trust.UNCALIBRATED_CONFIDENCE
-    accepted = p.max(axis=1) >= threshold
-    correct = p.argmax(axis=1) == y
     report: dict[str, Any] = {
         "bundle": path.name,
         "calibrated": calibration is not None,
-        "images": len(y),
         "skipped": outputs.skipped,
-        "balanced_accuracy": _round(float(np.nanmean(per_class_recall))),
-        "accuracy": _round(float(np.mean(correct))),
-        "ece": _round(trust.ece(p, y)),
-        "nll": _round(trust.nll(p, y)),
-        "confidence_threshold": _round(threshold),
-        "coverage": _round(float(np.mean(accepted))),
-        "accuracy_when_confident": _round(float(np.mean(correct[accepted]))) if accepted.any() else None,
-        "per_class": [
-            {
-                "label": label,
-                "images": int(np.sum(y == k)),
-                "recall": _round(per_class_recall[k]),
-                "auroc": _round(per_class_auroc[k]),
-            }
-            for k, label in enumerate(labels)
-        ],
+        **classification_figures(p, y, labels, threshold=threshold, auroc=True),
     }
     model = calibration.distribution if calibration is not None else None
     if model is not None:
@@ -338,6 +318,35 @@ def evaluate(
     return report
 
 
+def classification_figures(
+    p: np.ndarray, y: np.ndarray, labels: Sequence[str], *, threshold: float, auroc: bool = False
+) -> dict[str, Any]:
+    """Images, balanced accuracy, accuracy, ECE, NLL, coverage at ``threshold``, per-class recall (and AUROC)."""
+    per_class_recall = trust.recalls(p, y, len(labels))
+    per_class_auroc = trust.one_vs_rest_auroc(p, y, len(labels)) if auroc else None
+    accepted = p.max(axis=1) >= threshold
+    correct = p.argmax(axis=1) == y
+    return {
+        "images": len(y),
+        "balanced_accuracy": _round(float(np.nanmean(per_class_recall))),
+        "accuracy": _round(float(np.mean(correct))),
+        "ece": _round(trust.ece(p, y)),
+        "nll": _round(trust.nll(p, y)),
+        "confidence_threshold": _round(threshold),
+        "coverage": _round(float(np.mean(accepted))),
+        "accuracy_when_confident": _round(float(np.mean(correct[accepted]))) if accepted.any() else None,
+        "per_class": [
+            {
+                "label": label,
+                "images": int(np.sum(y == k)),
+                "recall": _round(per_class_recall[k]),
+                "auroc": _round(per_class_auroc[k]) if per_class_auroc is not None else None,
+            }
+            for k, label in enumerate(labels)
+        ],
+    }
+
+
 def evaluate_rows(bundle_path: str | Path, pattern: str) -> dict[str, Any]:
     """The classification figures of ``evaluate`` from ``dermal-fn batch`` rows that carry a ``label``
     (a CSV's label column) and every class's probability (the batch default): a large evaluation is
@@ -376,36 +385,16 @@ def evaluate_rows(bundle_path: str | Path, pattern: str) -> dict[str, Any]:
         raise DatasetError(
             f"expected rows with a label among {list(labels)}, found none in {len(files)} file(s)"
         )
-    p_all, y = np.asarray(probabilities), np.asarray(truth)
-    per_class_recall = trust.recalls(p_all, y, len(labels))
     threshold = calibration.confidence_threshold if calibration is not None else trust.UNCALIBRATED_CONFIDENCE
-    accepted = p_all.max(axis=1) >= threshold
-    correct = p_all.argmax(axis=1) == y
     return {
         "bundle": Path(bundle_path).name,
         "source": f"batch rows ({len(files)} file(s))",
         "calibrated": calibration is not None,
-        "images": len(y),
         "error_rows": errors,
         "unlabelled_rows": unlabelled,
         "skipped": errors,
-        "balanced_accuracy": _round(float(np.nanmean(per_class_recall))),
-        "accuracy": _round(float(np.mean(correct))),
-        "ece": _round(trust.ece(p_all, y)),
-        "nll": _round(trust.nll(p_all, y)),
-        "confidence_threshold": _round(threshold),
-        "coverage": _round(float(np.mean(accepted))),
-        "accuracy_when_confident": _round(float(np.mean(correct[accepted]))) if accepted.any() else None,
+        **classification_figures(np.asarray(probabilities), np.asarray(truth), labels, threshold=threshold),
         "flagged_out": {"data": _round(float(np.mean(flagged)))},
-        "per_class": [
-            {
-                "label": label,
-                "images": int(np.sum(y == k)),
-                "recall": _round(per_class_recall[k]),
-                "auroc": None,
-            }
-            for k, label in enumerate(labels)
-        ],
     }
 
 
