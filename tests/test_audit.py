@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -99,7 +99,7 @@ def test_deletion_of_the_right_cells_kills_the_score_first() -> None:
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    from dermal_fn.tools.trust import evaluate
+    from dermal_fn.tools.evaluate import evaluate
 
     folder = tmp_path_factory.mktemp("audit")
     synth.save_labelled(folder / "data", 240, seed=31)
@@ -186,7 +186,7 @@ def test_the_audit_finds_the_gap_of_a_model_trained_on_light_skin_only(tmp_path:
     evaluated on every tone: the skin-tone table must show it failing on the skin it never saw."""
     from dermal_fn.demo.train import train
     from dermal_fn.keras.export import export_keras
-    from dermal_fn.tools.trust import evaluate
+    from dermal_fn.tools.evaluate import evaluate
 
     keras_path = train(tmp_path / "light", size=64, epochs=4, n_train=480, n_validation=32, tones=(0.0, 1.2))
     bundle = tmp_path / "light.dermal"
@@ -219,7 +219,7 @@ def test_evaluate_write_puts_the_audit_in_the_model_card(tmp_path: Path) -> None
     ]
     assert main(argv) == 0
     card = model_card(load_engine(out, sha256="audited"))
-    audit_section = card["audit"]
+    audit_section = cast(dict[str, Any], card["audit"])
     assert audit_section is not None and audit_section["images"] == 60
     assert {g["group"] for g in audit_section["skin_tone"]["groups"]} == {
         name for name, _, _ in audit.ITA_BANDS

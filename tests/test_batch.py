@@ -87,7 +87,7 @@ def test_a_folder_of_thousands_is_scored_once_each_with_error_rows(
 def test_a_csv_keeps_its_labels_and_evaluate_reads_the_rows(
     photos: Path, small_bundle: Path, tmp_path: Path
 ) -> None:
-    from dermal_fn.tools.trust import evaluate_rows
+    from dermal_fn.tools.evaluate import evaluate_rows
 
     listed = sorted(p for p in photos.iterdir() if p.suffix == ".jpg")[:120]
     lines = (

@@ -24,7 +24,8 @@ from dermal_fn.demo import synth, unlike
 from dermal_fn.errors import BundleError
 from dermal_fn.models import DEMO_BUNDLE
 from dermal_fn.tools.cli import main as cli
-from dermal_fn.tools.trust import calibrate, evaluate
+from dermal_fn.tools.evaluate import evaluate
+from dermal_fn.tools.trust import calibrate
 from tests import hostile_fixtures as hf
 
 # --- the numbers ------------------------------------------------------------------------------------

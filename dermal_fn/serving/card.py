@@ -7,9 +7,11 @@ intended-use statement. Nothing here is computed per request.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from dermal_fn.core.engine import Engine
+from dermal_fn.serving.shapes import InputJson, ManifestSection, ModelCardJson
 
 INTENDED_USE = {
     "summary": (
@@ -30,27 +32,20 @@ INTENDED_USE = {
 }
 
 
-def model_card(engine: Engine) -> dict[str, Any]:
+def model_card(engine: Engine) -> ModelCardJson:
     """The card for the loaded model (a Keras file served by TensorFlow has no manifest: fewer fields)."""
     info = engine.info
     manifest = getattr(engine, "manifest", None)
-    extra: dict[str, Any] = dict(manifest.extra) if manifest is not None else {}
-    verification = extra.get("verification")
-    calibration = extra.get("calibration")
-    card: dict[str, Any] = {
+    extra: Mapping[str, Any] = manifest.extra if manifest is not None else {}
+    verification = _section(extra.get("verification"))
+    calibration = _section(extra.get("calibration"))
+    return {
         "name": info.name,
         "sha256": info.sha256,
         "backend": info.backend,
         "synthetic": "synthetic" in info.name.lower(),
         "labels": list(info.labels),
-        "input": {
-            "height": info.input_size[0],
-            "width": info.input_size[1],
-            "scale": info.input_scale,
-            "resize": info.resize,
-            **({} if info.normalization.identity else info.normalization.as_json()),
-            **({"preset": manifest.preset} if manifest is not None and manifest.preset else {}),
-        },
+        "input": _input(engine),
         "gradcam": {"layer": info.layer, "method": "Grad-CAM from the NumPy head's exact backward pass"},
         "quantization": {
             "mode": info.quantization,
@@ -59,19 +54,39 @@ def model_card(engine: Engine) -> dict[str, Any]:
                 for key in ("max_probability_diff", "max_heatmap_diff", "top1_agreement", "inputs")
                 if key in verification
             }
-            if isinstance(verification, dict)
+            if verification is not None
             else None,
             # a quantized bundle against its fp32 model on held-out photos (the exporter's gate)
-            "measured_against_fp32": verification.get("quantized")
-            if isinstance(verification, dict)
+            "measured_against_fp32": _section(verification.get("quantized"))
+            if verification is not None
             else None,
         },
         "verification": verification,
         "calibrated": info.calibrated,
         "calibration": calibration,
-        "evaluation": calibration.get("evaluation") if isinstance(calibration, dict) else None,
-        "source": extra.get("source"),
-        "audit": extra.get("audit"),  # evaluate --write: faithfulness, the sanity check, the skin-tone table
+        "evaluation": _section(calibration.get("evaluation")) if calibration is not None else None,
+        "source": _section(extra.get("source")),
+        "audit": _section(extra.get("audit")),  # evaluate --write: faithfulness, sanity check, skin tone
         "intended_use": INTENDED_USE,
     }
-    return card
+
+
+def _section(value: object) -> ManifestSection | None:
+    """A manifest section when it is a JSON object, else None."""
+    return dict(value) if isinstance(value, dict) else None
+
+
+def _input(engine: Engine) -> InputJson:
+    """The photo's way into the model: size, scale, resize, normalisation, preset."""
+    info = engine.info
+    manifest = getattr(engine, "manifest", None)
+    shown = InputJson(
+        height=info.input_size[0], width=info.input_size[1], scale=info.input_scale, resize=info.resize
+    )
+    if not info.normalization.identity:
+        normalization = info.normalization
+        shown["mean"], shown["std"] = list(normalization.mean), list(normalization.std)
+        shown["channels"] = normalization.channels
+    if manifest is not None and manifest.preset:
+        shown["preset"] = manifest.preset
+    return shown

@@ -7,7 +7,7 @@ when a field is added, removed or made optional in one and not the other.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, Required, TypedDict
+from typing import Literal, NotRequired, Required, TypedDict
 
 GradcamStatus = Literal["ok", "disabled", "skipped"]
 ModelState = Literal["idle", "loading", "loaded", "error"]
@@ -168,6 +168,31 @@ class MemoryBody(TypedDict):
     gradcam_enabled: bool
 
 
+# a section of a bundle's manifest, as the exporter, calibrate or evaluate --write wrote it
+ManifestSection = dict[str, object]
+
+
+class InputJson(TypedDict):
+    """``/model``'s ``input``: the photo's way into the model."""
+
+    height: int
+    width: int
+    scale: str
+    resize: str
+    mean: NotRequired[list[float]]
+    std: NotRequired[list[float]]
+    channels: NotRequired[str]  # RGB, or BGR for caffe-style models
+    preset: NotRequired[str]
+
+
+class QuantizationJson(TypedDict):
+    """``/model``'s ``quantization``: the mode, and what it measurably costs."""
+
+    mode: str
+    measured_against_keras: ManifestSection | None  # the exporter's check against the Keras model
+    measured_against_fp32: ManifestSection | None  # a quantized bundle's gate, on held-out photos
+
+
 class ModelCardJson(TypedDict):
     """``GET /model``: what the bundle's manifest says about the model."""
 
@@ -176,15 +201,15 @@ class ModelCardJson(TypedDict):
     backend: str
     synthetic: bool
     labels: list[str]
-    input: dict[str, Any]
+    input: InputJson
     gradcam: dict[str, str]
-    quantization: dict[str, Any]
-    verification: dict[str, Any] | None
+    quantization: QuantizationJson
+    verification: ManifestSection | None
     calibrated: bool
-    calibration: dict[str, Any] | None
-    evaluation: dict[str, Any] | None
-    source: dict[str, Any] | None
-    audit: dict[str, Any] | None
+    calibration: ManifestSection | None
+    evaluation: ManifestSection | None
+    source: ManifestSection | None
+    audit: ManifestSection | None
     intended_use: dict[str, str]
 
 

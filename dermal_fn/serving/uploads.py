@@ -27,6 +27,8 @@ from dermal_fn import errors
 from dermal_fn.serving.options import OPTION_NAMES
 
 IMAGE_TYPES_HINT = "multipart/form-data (field 'image'), image/*, application/dicom, application/octet-stream or application/json"
+# the options as the client sent them, before PredictOptions.parse checks them
+RawOptions = dict[str, object]
 BODY_READ = "dermal_fn.body_read"  # environ key: this request's body was read to its end
 # what a client's field name must look like to be echoed in a message
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
@@ -125,9 +127,9 @@ def _memory_stream(*args: Any, **kwargs: Any) -> io.BytesIO:
 
 def parse_upload(
     request: flask.Request, *, limit: int, timeout_s: float | None = None
-) -> tuple[bytes, dict[str, Any]]:
+) -> tuple[bytes, RawOptions]:
     """The image bytes and the options (query, then form fields or JSON keys) of a predict request."""
-    options: dict[str, Any] = {k: v for k, v in request.args.items() if k in OPTION_NAMES}
+    options: RawOptions = {k: v for k, v in request.args.items() if k in OPTION_NAMES}
     mimetype = (request.mimetype or "").lower()
     body = read_body(request, limit=limit, timeout_s=timeout_s)
     if mimetype == "multipart/form-data":
@@ -175,7 +177,7 @@ def _multipart_image(form: MultiDict[str, str], files: MultiDict[str, Any]) -> b
     )
 
 
-def _json_image(body: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+def _json_image(body: bytes, options: dict[str, Any]) -> tuple[bytes, RawOptions]:
     if not body:
         raise errors.InvalidRequest('expected a JSON object {"image_base64": "..."}, found an empty body')
     try:

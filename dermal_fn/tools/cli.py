@@ -110,7 +110,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dermal_fn.tools.trust import evaluate, evaluate_rows, evaluation_table
+    from dermal_fn.tools.evaluate import evaluate, evaluate_rows, evaluation_table
 
     if args.rows is not None:
         report = evaluate_rows(args.bundle, args.rows)
@@ -123,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.bundle, args.data, ood=args.ood, audit_images=args.audit_images, html=args.html
         )
     if args.write:
-        from dermal_fn.tools.trust import write_audit
+        from dermal_fn.tools.evaluate import write_audit
 
         write_audit(args.bundle, args.write, report)
     if args.json_out:
