@@ -155,3 +155,26 @@ def test_cors_wildcard(small_bundle: Path) -> None:
     with hf.client_for(hf.settings_for(small_bundle, cors_origins=("*",))) as client:
         response = client.get("/health", headers={"Origin": "https://anywhere.example"})
         assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_anonymous_health_does_not_say_which_model_is_served(keyed: Any, small_bundle: Path) -> None:
+    """With API_KEY set, /health stays open for the platform but keeps the model's identity to key holders."""
+    import hashlib
+
+    sha256 = hashlib.sha256(small_bundle.read_bytes()).hexdigest()
+    assert (
+        keyed.post(
+            "/predict", data=JPEG, content_type="image/jpeg", headers={"Authorization": f"Bearer {KEY}"}
+        ).status_code
+        == 200
+    )
+    anonymous = keyed.get("/health")
+    assert anonymous.status_code == 200 and anonymous.get_json()["model_loaded"] is True
+    text = anonymous.get_data(as_text=True)
+    assert (
+        "model" not in anonymous.get_json()
+        and sha256 not in text
+        and "synthetic-small-test-model" not in text
+    )
+    trusted = keyed.get("/health", headers={"Authorization": f"Bearer {KEY}"}).get_json()
+    assert trusted["model"]["sha256"] == sha256 and trusted["model"]["labels"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -369,3 +370,49 @@ def test_the_servers_own_refusals_are_json_and_cheap(
     assert json.loads(body)["error"]["code"] == "invalid_request"
     assert server.cpu_seconds() - before < 1.0  # CPU time, not wall time: an unbounded 8 MiB line cost 7.2 s
     assert server.get_json("/health")[0] == 200  # and it serves on
+
+
+# --- an in-memory file system counts against the container ---------------------------------------------------
+
+
+def test_in_memory_files_count_against_the_limit_and_drop_the_heatmap(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    """Cloud Functions' /tmp is in memory: files there are charged to the container like RSS. A process of
+    the server's cgroup writes 340 MiB into /dev/shm (tmpfs); /memory's usage_mb says so while rss_mb does
+    not move, and the heatmap is skipped for memory pressure (soft limit 300 MB), though RSS alone is far below it."""
+    import subprocess
+
+    from bench import cgroup
+
+    try:
+        group = cgroup.create(f"dermal-test-{time.time_ns()}", limit_bytes=512 * MIB)
+    except cgroup.CgroupUnavailable as exc:
+        pytest.skip(f"this machine gives no memory cgroup: {exc}")
+    shm = Path("/dev/shm") / f"dermal-test-{time.time_ns()}"
+    env = {"MODEL_URI": str(small_bundle), "LITERT_THREADS": "1", "MEMORY_SOFT_LIMIT_MB": "300"}
+    server = ServerProcess(env, log_path=tmp_path / "server.log", wrap=group.wrap)
+    try:
+        server.start()
+        server.wait_ready(path="/memory")
+        assert server.post_image("/predict", JPEG)[1]["gradcam"]["status"] == "ok"
+        before = server.get_json("/memory")[1]["memory"]
+        argv, extra = group.wrap(["dd", "if=/dev/zero", f"of={shm}", "bs=1M", "count=340", "status=none"])
+        subprocess.run(argv, env={**os.environ, **extra}, check=True, timeout=60)  # charged to the cgroup
+        after = server.get_json("/memory")[1]["memory"]
+        status, body = server.post_image("/predict", JPEG)
+        events = group.events()
+    finally:
+        shm.unlink(missing_ok=True)
+        server.stop()
+        group.destroy()
+    assert after["limit_mb"] == 512.0 and after["limit_source"] == "container"
+    assert after["usage_mb"] - before["usage_mb"] > 300  # the in-memory file is in the charge
+    assert after["rss_mb"] - before["rss_mb"] < 20  # and not in the process's RSS
+    assert (
+        status == 200
+        and body["gradcam"]["status"] == "skipped"
+        and body["gradcam"]["reason"] == "memory_pressure"
+    )
+    assert body["gradcam"]["usage_mb"] > body["gradcam"]["limit_mb"] > body["gradcam"]["rss_mb"]
+    assert events.get("oom_kill", 0) == 0
