@@ -15,6 +15,7 @@ rest in ``requirements-test.txt``'s environment.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -38,6 +39,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if "ai_edge_litert" in sys.modules:
         close_quietly_at_exit(logging.getLogger("tests.litert"))
 
+
+# the Beam tests need Beam's own environment (requirements-batch.txt): elsewhere they are not collected
+collect_ignore = [] if importlib.util.find_spec("apache_beam") else ["test_batch.py"]
 
 # fixtures that start real processes: a test that uses one is ``slow`` (and bounded like every test)
 PROCESS_FIXTURES = frozenset({"server_factory", "page_servers", "fake_gcs", "fresh_fake_gcs", "server"})

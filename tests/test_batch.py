@@ -1,4 +1,5 @@
-"""``dermal-fn batch`` on Apache Beam's own in-process runner, in Beam's environment (requirements-batch.txt).
+"""``dermal-fn batch`` on Apache Beam's own in-process runner, in Beam's environment (requirements-batch.txt;
+collected only where Apache Beam is installed, tests/conftest.py).
 
 Thousands of generated photos plus damaged files, from a local folder, a CSV with labels and the
 storage emulator: every file comes out exactly once, the damaged ones as error rows, each row equal to
