@@ -200,24 +200,22 @@ def test_the_audit_finds_the_gap_of_a_model_trained_on_light_skin_only(tmp_path:
     assert groups["very_light"]["balanced_accuracy"] > groups["dark"]["balanced_accuracy"] + 0.2
 
 
+def audited_demo(folder: Path, *, audit_images: int = 5) -> Path:
+    """The demo bundle audited on 60 generated photos and written with its audit (evaluate --write)."""
+    from dermal_fn.tools.cli import main
+
+    synth.save_labelled(folder / "data", 60, seed=5)
+    out = folder / "audited.dermal"
+    argv = ["evaluate", str(DEMO_BUNDLE), "--data", str(folder / "data"), "--audit-images", str(audit_images)]
+    assert main([*argv, "--write", str(out)]) == 0
+    return out
+
+
 def test_evaluate_write_puts_the_audit_in_the_model_card(tmp_path: Path) -> None:
     from dermal_fn.serving.card import model_card
     from dermal_fn.serving.engines import load_engine
-    from dermal_fn.tools.cli import main
 
-    synth.save_labelled(tmp_path / "data", 60, seed=5)
-    out = tmp_path / "audited.dermal"
-    argv = [
-        "evaluate",
-        str(DEMO_BUNDLE),
-        "--data",
-        str(tmp_path / "data"),
-        "--audit-images",
-        "5",
-        "--write",
-        str(out),
-    ]
-    assert main(argv) == 0
+    out = audited_demo(tmp_path)
     card = model_card(load_engine(out, sha256="audited"))
     audit_section = cast(dict[str, Any], card["audit"])
     assert audit_section is not None and audit_section["images"] == 60

@@ -704,23 +704,9 @@ def audited_server(
     page_servers: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> ServerProcess:
     """The demo bundle with its audit stored (evaluate --write), served."""
-    from dermal_fn.models import DEMO_BUNDLE
-    from dermal_fn.tools.cli import main
+    from tests.test_audit import audited_demo
 
-    folder = tmp_path_factory.mktemp("audited")
-    synth.save_labelled(folder / "data", 60, seed=5)
-    out = folder / "audited.dermal"
-    argv = [
-        "evaluate",
-        str(DEMO_BUNDLE),
-        "--data",
-        str(folder / "data"),
-        "--audit-images",
-        "2",
-        "--write",
-        str(out),
-    ]
-    assert main(argv) == 0
+    out = audited_demo(tmp_path_factory.mktemp("audited"), audit_images=2)
     return page_servers({"MODEL_URI": str(out)})
 
 
