@@ -127,7 +127,7 @@ def fetch_gcs(
     """Return a verified local copy of a GCS object: the cached one if intact, else a download."""
     deadline = Deadline(started=started, timeout_s=timeout_s, subject=str(location))
     with _translated_errors(deadline):
-        bucket = _make_client().bucket(location.bucket)
+        bucket = make_client().bucket(location.bucket)
         remote = _stat(bucket, location, deadline=deadline)
         logger.info("fetching %s: %d bytes, generation %d", source, remote.size, remote.generation)
         check_size(remote.size, max_bytes, source=str(remote))
@@ -152,7 +152,7 @@ def fetch_gcs(
     )
 
 
-def _make_client() -> storage.Client:
+def make_client() -> storage.Client:
     """Anonymous against STORAGE_EMULATOR_HOST, as the library means it; else ADC."""
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         return storage.Client(credentials=AnonymousCredentials())

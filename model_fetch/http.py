@@ -149,8 +149,7 @@ def fetch_http(
 
             def before_write(received: int) -> None:
                 check_deadline(f"{received} bytes received")
-                if max_bytes is not None and received > max_bytes:
-                    check_size(received, max_bytes, source=str(location))
+                check_size(received, max_bytes, source=str(location))
 
             state = _Download(writer=HashingWriter(temporary, before_write=before_write))
             revalidate = _conditional_headers(cached[1]) if cached is not None else {}

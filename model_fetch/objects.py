@@ -77,11 +77,7 @@ def _list_gcs(source: str) -> list[str]:
 
 @functools.cache
 def _client() -> Any:
-    """One storage client per process: anonymous against STORAGE_EMULATOR_HOST, else ADC."""
-    from google.cloud import storage
+    """One storage client per process, made as :mod:`model_fetch.gcs` makes it (the library loads here)."""
+    from model_fetch.gcs import make_client
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(credentials=AnonymousCredentials(), project="dermal-fn")
-    return storage.Client()
+    return make_client()

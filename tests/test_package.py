@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.server import free_port
 from tests.http_fixtures import REPO_ROOT, jpeg_bytes
 from tests.waiting import wait_until
 
@@ -179,15 +179,9 @@ def test_predict_from_python_answers_with_the_assessment(installed: Installed) -
     assert tensorflow == "False"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(installed: Installed) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = (installed.work / "serve.log").open("w")
     process = subprocess.Popen(
         [str(installed.root / "bin" / "dermal-fn"), "serve", "--host", "127.0.0.1", "--port", str(port)],

@@ -42,11 +42,13 @@ def limits(environ: Mapping[str, str] | None = None) -> dict[str, int]:
 def json_error(status_int: int, reason: str, mesg: str) -> bytes:
     """A whole HTTP/1.1 error answer with the API's JSON body (the message cut, never the raw bytes)."""
     message = " ".join(str(mesg).split())[:MAX_MESSAGE_CHARS]
-    code = {400: "invalid_request", 414: "invalid_request", 431: "invalid_request"}.get(
-        status_int, "invalid_request"
-    )
     body = json.dumps(
-        {"error": {"code": code, "message": f"expected a well-formed HTTP request, found: {message}"}}
+        {
+            "error": {
+                "code": "invalid_request",
+                "message": f"expected a well-formed HTTP request, found: {message}",
+            }
+        }
     )
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"

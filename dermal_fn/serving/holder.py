@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import TypedDict
 
 from dermal_fn.core.engine import Engine
 from dermal_fn.errors import ConfigError, DermalError, LoadTimedOut, ModelCrashed, ModelUnavailable
@@ -22,11 +22,10 @@ from dermal_fn.serving.config import Settings
 from dermal_fn.serving.crash_marker import CrashMarker
 from dermal_fn.serving.engines import load_engine
 from dermal_fn.serving.logs import close_quietly_at_exit
+from dermal_fn.serving.shapes import ModelState
 from model_fetch.uri import redact_uri
 
 logger = logging.getLogger(__name__)
-
-ModelState = Literal["idle", "loading", "loaded", "error"]
 
 
 class FetchInfo(TypedDict):

@@ -49,8 +49,7 @@ def health(request: flask.Request, service: Service, log: RequestLog) -> flask.R
     api_key = service.settings.api_key
     body = health_body(service, trusted=api_key is None or authenticated(request, api_key))
     if body["status"] == "error":
-        retry_after = str(body["error"]["retry_after_s"]) if "error" in body else "5"
-        return json_response(body, 503, {"Retry-After": retry_after})
+        return json_response(body, 503, {"Retry-After": str(body["error"]["retry_after_s"])})
     return json_response(body)
 
 

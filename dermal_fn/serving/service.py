@@ -71,20 +71,16 @@ class Service:
             concurrency=1, max_queue=settings.max_queue, timeout_s=settings.queue_timeout_s
         )
 
-    def charged_mb(self) -> float:
-        """What counts against the memory limit: the container's charge (in-memory files included)
-        where the limit is the cgroup's, else this process's RSS."""
+    def memory_use(self) -> tuple[float, float]:
+        """(RSS, what counts against the limit): the container's charge (in-memory files included)
+        where the limit is the cgroup's, else the RSS itself. One reading of each."""
         rss = memory.rss_mb()
-        if self.settings.memory_from_cgroup:
-            charged = memory.cgroup_charge_mb()
-            if charged is not None:
-                return max(charged, rss)
-        return rss
+        charged = memory.cgroup_charge_mb() if self.settings.memory_from_cgroup else None
+        return rss, rss if charged is None else max(charged, rss)
 
     def memory_status(self) -> MemoryJson:
         """RSS, the charge, percent of the limit, the limit (the container's, else the host's), the soft limit."""
-        rss = memory.rss_mb()
-        usage = self.charged_mb()
+        rss, usage = self.memory_use()
         limit = self.settings.memory_limit_mb
         total = limit if limit is not None else memory.host_memory_mb()
         return MemoryJson(
@@ -173,7 +169,7 @@ class Service:
         limit = self.settings.memory_limit_mb
         if limit is None:
             return None
-        return int((limit - self.charged_mb() - DECODE_RESERVE_MB) * memory.MIB)
+        return int((limit - self.memory_use()[1] - DECODE_RESERVE_MB) * memory.MIB)
 
     def plan_gradcam(self, options: CheckedOptions, *, enable_gradcam: bool | None = None) -> GradcamPlan:
         """Heatmap or not: the operator (ENABLE_GRADCAM, or ``enable_gradcam``), then the request, then memory.
@@ -188,14 +184,14 @@ class Service:
             return GradcamPlan(run=False, body=GradcamJson(status="disabled", by="request"))
         soft = self.settings.memory_soft_limit_mb
         if soft is not None:
-            usage = self.charged_mb()
+            rss, usage = self.memory_use()
             if usage > soft:
                 return GradcamPlan(
                     run=False,
                     body=GradcamJson(
                         status="skipped",
                         reason="memory_pressure",
-                        rss_mb=round(memory.rss_mb(), 1),
+                        rss_mb=round(rss, 1),
                         usage_mb=round(usage, 1),
                         limit_mb=round(soft, 1),
                     ),

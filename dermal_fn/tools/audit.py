@@ -27,7 +27,7 @@ from PIL import Image
 from dermal_fn.core import audit, render, trust
 from dermal_fn.core.engine import LiteRTEngine
 from dermal_fn.core.gradcam import grad_cam
-from dermal_fn.core.head import Head
+from dermal_fn.core.head import Head, HeadResult
 
 MIN_BAND_IMAGES = 20  # a band with fewer is reported, marked thin, and left out of the equity gap
 GALLERY = 6  # the most confident errors shown in the HTML report
@@ -77,10 +77,9 @@ class Auditor:
         self.random_head = randomized(self.engine.head, np.random.default_rng(self.seed + 1))
 
     def visit(self, *, rgb: Image.Image, original_size: tuple[int, int], pixels: np.ndarray,
-              features: np.ndarray, reported: np.ndarray, label: int) -> None:  # fmt: skip
+              features: np.ndarray, result: HeadResult, reported: np.ndarray, label: int) -> None:  # fmt: skip
         """One photo: its map, skin tone and quality; the curves and the sanity check for the first ones."""
-        head = self.engine.head
-        result = head.forward(features)
+        head = self.engine.head  # ``result`` is its forward pass on ``features``, run by evaluate already
         target = int(np.argmax(reported))
         grid = grad_cam(
             features, head.backward(result, head.score_gradient(result, class_index=target, score="logit"))

@@ -57,7 +57,7 @@ def run_files(
     """Decode each file as the server does, run the bundle, keep what calibration and evaluation need.
 
     ``visit`` (the audit) is called for each decoded photo with its RGB, size, model input, feature
-    map, reported probabilities and label, in the order of the outputs.
+    map, the head's result, reported probabilities and label, in the order of the outputs.
     """
     info = engine.info
     logits, reported, pooled, labels = [], [], [], []
@@ -81,6 +81,7 @@ def run_files(
                 original_size=decoded.original_size,
                 pixels=pixels,
                 features=features,
+                result=result,
                 reported=reported[-1],
                 label=label,
             )
