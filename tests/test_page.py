@@ -728,3 +728,52 @@ def test_the_model_card_shows_the_skin_tone_table_in_vietnamese(
     page.click("#lang")
     assert rows.first.locator("td").first.inner_text() == "very light"
     assert tab.errors() == []
+
+
+@pytest.fixture(scope="module")
+def mixed_server(
+    page_servers: Callable[..., ServerProcess], small_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ServerProcess:
+    """A bundle whose manifest carries a mixed-precision gate (as export --mixed-precision writes it), served."""
+    from tests.models import rewrite_bundle
+
+    def add_gate(manifest: dict[str, Any]) -> None:
+        manifest.setdefault("verification", {})["quantized"] = {
+            "images": 100,
+            "source": "photos of the --verify folder",
+            "top1_agreement": 0.99,
+            "heatmap_r_mean": 0.991,
+            "passed": True,
+            "mixed_precision": {
+                "float_layers": [
+                    {
+                        "layer": name,
+                        "op": "CONV_2D",
+                        "relative_error": error,
+                        "tensor": f"backbone/{name}/convolution",
+                    }
+                    for name, error in (("stem_conv", 0.21), ("block6a_expand_conv", 0.12))
+                ],
+                "quantized_layers": 120,
+                "backbone_ms_one_thread": {"int8": 10.0, "mixed": 11.5},
+                "slowdown_vs_int8": 1.15,
+            },
+        }
+
+    out = rewrite_bundle(small_bundle, tmp_path_factory.mktemp("mixed") / "mixed.dermal", edit=add_gate)
+    return page_servers({"MODEL_URI": str(out)})
+
+
+def test_the_model_card_says_which_layers_stayed_float_and_what_it_cost(
+    mixed_server: ServerProcess, open_tab: Callable[..., Tab]
+) -> None:
+    tab = open_tab(mixed_server)
+    page = tab.page
+    page.wait_for_selector("#card:not([hidden])")
+    page.click("#card-details summary")
+    text = page.locator("#card-body").inner_text()
+    assert "against its full-precision model on 100 photos, top-1 agreement 0.990" in text
+    assert "2 of its 120 layers kept in full precision" in text and "1.15× the time of full int8" in text
+    page.click("#lang")
+    assert "giữ 2 trên 120 lớp" in page.locator("#card-body").inner_text()
+    assert tab.errors() == []

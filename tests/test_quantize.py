@@ -650,3 +650,108 @@ def test_the_model_card_shows_the_gate(tmp_path: Path, small_bundle: Path) -> No
     path = rewrite_bundle(small_bundle, tmp_path / "gated.dermal", edit=add_gate)
     card = model_card(load_engine(path, sha256="x"))
     assert card["quantization"]["measured_against_fp32"] == gate
+
+
+# --- mixed precision: the way through a missed gate ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mixed_bundle(bundles: dict[str, Path], demo_keras: Path, calibration: Path, quant_dir: Path) -> Path:
+    """The int8 export again with the floor just above what full int8 measured, and --mixed-precision."""
+    measured = bundle_format.read(bundles["int8"]).manifest.extra["verification"]["quantized"]
+    floor = round(min(1.0, measured["heatmap_r_mean"] + 1e-4), 6)
+    out = quant_dir / "demo_mixed.dermal"
+    argv = [
+        "export",
+        str(demo_keras),
+        "--out",
+        str(out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(calibration),
+    ]
+    assert cli([*argv, "--min-heatmap-r", str(floor), "--mixed-precision"]) == 0
+    return out
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_mixed_precision_keeps_the_most_harmful_layers_float_until_the_gate_holds(
+    bundles: dict[str, Path], mixed_bundle: Path
+) -> None:
+    from dermal_fn.keras.convert import check_integer_backbone, float_op_outputs
+
+    full = bundle_format.read(bundles["int8"]).manifest.extra["verification"]["quantized"]
+    read = bundle_format.read(mixed_bundle)
+    gate = read.manifest.extra["verification"]["quantized"]
+    mixed = gate["mixed_precision"]
+    assert read.manifest.quantization == "int8"
+    # the full int8 bundle missed this floor; the written one holds it
+    assert mixed["full_int8"] == {
+        "top1_agreement": full["top1_agreement"],
+        "heatmap_r_mean": full["heatmap_r_mean"],
+        "passed": False,
+    }
+    assert full["heatmap_r_mean"] < gate["min_heatmap_r"] <= gate["heatmap_r_mean"] and gate["passed"] is True
+    # the tries kept 1, 2, 4, … layers float and stopped at the first that held
+    tries = mixed["tries"]
+    assert [t["passed"] for t in tries] == [False] * (len(tries) - 1) + [True]
+    assert [t["float_layers"] for t in tries][: len(tries) - 1] == [2**i for i in range(len(tries) - 1)]
+    kept = mixed["float_layers"]
+    assert len(kept) == tries[-1]["float_layers"] <= mixed["quantized_layers"]
+    errors = [layer["relative_error"] for layer in kept]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 0
+    assert all(layer["layer"] and layer["op"] for layer in kept)
+    # exactly those layers run in float; every other convolution is integer
+    backbone = mixed_bundle.read_bytes()[: read.manifest.backbone_bytes]  # the flatbuffer opens the file
+    floats = {tensor for _, tensor in float_op_outputs(backbone)}
+    conv_kept = {layer["tensor"] for layer in kept if layer["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D")}
+    assert conv_kept and conv_kept <= floats
+    check_integer_backbone(backbone, float_layers=[layer["tensor"] for layer in kept])
+    with pytest.raises(ExportError, match="float ops"):
+        check_integer_backbone(backbone)
+    # and what it cost, beside full int8, on one thread
+    speed = mixed["backbone_ms_one_thread"]
+    assert speed["int8"] > 0 and speed["mixed"] > 0
+    assert mixed["slowdown_vs_int8"] == pytest.approx(speed["mixed"] / speed["int8"], rel=0.02)
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_mixed_precision_serves_and_shows_on_the_model_card(mixed_bundle: Path, images: Path) -> None:
+    from dermal_fn.serving.card import model_card
+    from dermal_fn.serving.engines import load_engine
+
+    engine = load_engine(mixed_bundle, sha256="mixed")
+    result = engine.run(_pixels(sorted(images.iterdir())[0]))
+    assert result.grid is not None and abs(float(result.probabilities.sum()) - 1.0) < 1e-5
+    card = model_card(engine)
+    shown = card["quantization"]["measured_against_fp32"]
+    assert shown is not None
+    mixed = shown["mixed_precision"]
+    assert isinstance(mixed, dict) and mixed["float_layers"]
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_mixed_precision_that_never_holds_writes_nothing_and_says_what_it_tried(
+    demo_keras: Path, calibration: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "mixed.dermal"
+    argv = [
+        "export",
+        str(demo_keras),
+        "--out",
+        str(out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(calibration),
+    ]
+    with caplog.at_level(logging.ERROR):
+        # one float layer cannot make the other int8 layers' heatmap equal fp32's exactly
+        assert cli([*argv, "--min-heatmap-r", "1", "--mixed-precision", "--max-float-layers", "1"]) == 2
+    assert "refusing to write the int8 bundle: with up to 1 of its" in caplog.text
+    assert "1 float: agreement" in caplog.text and "--max-float-layers" in caplog.text
+    assert not out.exists() and not list(tmp_path.glob(".*verifying"))

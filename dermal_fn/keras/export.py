@@ -27,6 +27,7 @@ from dermal_fn.core.head import Head
 from dermal_fn.core.imaging import INPUT_PRESETS, INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.errors import ExportError
 from dermal_fn.keras.convert import convert_backbone
+from dermal_fn.keras.mixed import MAX_FLOAT_LAYERS
 from dermal_fn.keras.verify import (
     MIN_AGREEMENT,
     MIN_HEATMAP_R,
@@ -221,29 +222,37 @@ def verify_or_refuse(
 GENERATED_GATE_IMAGES = 24
 
 
-def gate_or_refuse(
-    staging: Path,
+def gate_inputs(
     loaded: Loaded,
     *,
-    quantize: Quantization,
     spec: InputSpec,
     held_out: Sequence[np.ndarray] | CalibrationSource | None,
+    source: str,
+) -> tuple[list[np.ndarray], str]:
+    """The held-out images the gate compares on, and where they came from (generated ones if none)."""
+    split_ = loaded.split
+    inputs = list(held_out(split_.input_size) if callable(held_out) else (held_out or ()))
+    if inputs:
+        return inputs, source
+    generated = verification_inputs(
+        split_.input_size, spec.scale, count=GENERATED_GATE_IMAGES, seed=7, normalization=spec.normalization
+    )
+    return (
+        generated,
+        "generated images (no photos were given: pass --verify DIR or --calibration DIR of your own)",
+    )
+
+
+def measure_gate(
+    staging: Path,
+    loaded: Loaded,
+    inputs: Sequence[np.ndarray],
+    *,
     source: str,
     min_agreement: float,
     min_heatmap_r: float,
 ) -> QuantizationReport:
-    """Step 4b: the quantized bundle against the fp32 model on held-out images; ExportError below the floors."""
-    split_ = loaded.split
-    inputs = list(held_out(split_.input_size) if callable(held_out) else (held_out or ()))
-    if not inputs:
-        source = "generated images (no photos were given: pass --verify DIR or --calibration DIR of your own)"
-        inputs = verification_inputs(
-            split_.input_size,
-            spec.scale,
-            count=GENERATED_GATE_IMAGES,
-            seed=7,
-            normalization=spec.normalization,
-        )
+    """Step 4b: the staged quantized bundle against the fp32 model on held-out images."""
     engine = LiteRTEngine(staging, sha256=path_sha256(staging), num_threads=min(os.cpu_count() or 1, 4))
     try:
         gate = compare_quantized(
@@ -267,19 +276,95 @@ def gate_or_refuse(
         gate.top_region_iou_mean,
         gate.max_probability_diff,
     )
-    if gate.misses:
-        hint = (
-            "calibrate on more of your own photos (--calibration DIR, 100 or more), or use --quantize "
-            "int8-dynamic or fp16"
-            if quantize == "int8"
-            else "use --quantize fp16 or none"
-        )
-        raise ExportError(
-            f"refusing to write the {quantize} bundle: against the fp32 model on {gate.images} {source}, "
-            + "; ".join(gate.misses)
-            + f"; {hint}"
-        )
     return gate
+
+
+def refuse_below_gate(gate: QuantizationReport, *, quantize: Quantization) -> None:
+    """ExportError naming the figures that missed and what to try; nothing when the gate holds."""
+    if not gate.misses:
+        return
+    hint = (
+        "calibrate on more of your own photos (--calibration DIR, 100 or more), add --mixed-precision to keep "
+        "the layers int8 hurts most in float, or use --quantize int8-dynamic or fp16"
+        if quantize == "int8"
+        else "use --quantize fp16 or none"
+    )
+    raise ExportError(
+        f"refusing to write the {quantize} bundle: against the fp32 model on {gate.images} {gate.source}, "
+        + "; ".join(gate.misses)
+        + f"; {hint}"
+    )
+
+
+def mixed_precision(
+    staging: Path,
+    loaded: Loaded,
+    *,
+    full_int8: bytes,
+    full_gate: QuantizationReport,
+    calibration: Sequence[np.ndarray],
+    inputs: Sequence[np.ndarray],
+    write_staged: Callable[[bytes], None],
+    max_float_layers: int,
+) -> tuple[bytes, QuantizationReport, dict[str, object]]:
+    """Step 4c, after full int8 missed: keep its most harmful layers float until the gate holds.
+
+    Returns the backbone, its gate and the manifest's ``mixed_precision`` section (the layers kept
+    float, every try, the backbone's time on one thread against full int8); ExportError if no
+    try within ``max_float_layers`` holds.
+    """
+    from dermal_fn.keras import mixed
+    from dermal_fn.keras.convert import check_integer_backbone, float_converter
+
+    split_ = loaded.split
+    logger.info("      mixed precision: ranking the int8 layers by how much int8 moves their output")
+    t0 = time.perf_counter()
+    with float_converter(split_.backbone, input_size=split_.input_size) as converter:
+        ranking = mixed.LayerRanking(converter, calibration)
+    logger.info(
+        "      %d quantized layers ranked in %.0f s; most harmful: %s",
+        len(ranking.layers),
+        time.perf_counter() - t0,
+        ", ".join(f"{h.name} ({h.relative_error:.3f})" for h in ranking.layers[:3]),
+    )
+
+    def gate(backbone: bytes) -> QuantizationReport:
+        write_staged(backbone)
+        return measure_gate(
+            staging,
+            loaded,
+            inputs,
+            source=full_gate.source,
+            min_agreement=full_gate.min_agreement,
+            min_heatmap_r=full_gate.min_heatmap_r,
+        )
+
+    result = mixed.search(ranking.layers, ranking.backbone, gate, max_float_layers=max_float_layers)
+    kept = [h.tensor for h in result.float_layers]
+    check_integer_backbone(result.backbone, float_layers=kept)
+    int8_ms, mixed_ms = mixed.backbone_ms([full_int8, result.backbone], input_size=split_.input_size)
+    logger.info(
+        "      %d layer(s) kept float; backbone on one thread %.1f ms against full int8's %.1f ms (%.2fx)",
+        len(kept),
+        mixed_ms,
+        int8_ms,
+        mixed_ms / int8_ms,
+    )
+    section: dict[str, object] = {
+        "float_layers": [h.as_json() for h in result.float_layers],
+        "quantized_layers": len(ranking.layers),
+        "ranking": "RMS(int8 - float) / RMS(float) at each op's output, from the same int8 inputs, "
+        f"on {min(len(calibration), mixed.RANKING_IMAGES)} calibration photos",
+        "full_int8": {
+            "top1_agreement": round(full_gate.top1_agreement, 6),
+            "heatmap_r_mean": round(full_gate.heatmap_r_mean, 6),
+            "passed": False,
+        },
+        "tries": [attempt.as_json() for attempt in result.attempts],
+        "backbone_ms_one_thread": {"int8": round(int8_ms, 3), "mixed": round(mixed_ms, 3)},
+        "slowdown_vs_int8": round(mixed_ms / int8_ms, 3),
+    }
+    return result.backbone, result.report, section
 
 
 def export_keras(
@@ -301,13 +386,17 @@ def export_keras(
     held_out_source: str = "held-out photos",
     min_agreement: float = MIN_AGREEMENT,
     min_heatmap_r: float = MIN_HEATMAP_R,
+    mixed: bool = False,
+    max_float_layers: int = MAX_FLOAT_LAYERS,
 ) -> Verification:
     """Turn a Keras classifier into one bundle file: load, convert, verify or refuse, write.
 
     A quantized bundle is also held to the fp32 model on ``held_out`` images (model inputs, or a
     function of the input size; ``held_out_source`` says where they came from): below
     ``min_agreement`` top-1 agreement or ``min_heatmap_r`` mean heatmap correlation nothing is
-    written (ExportError). Without images it is held to generated ones, and says so.
+    written (ExportError). Without images it is held to generated ones, and says so. With ``mixed``,
+    a full-int8 bundle that misses keeps its most harmful layers (up to ``max_float_layers``) in
+    float until it holds (:mod:`dermal_fn.keras.mixed`), and the manifest says which and what it cost.
 
     ``calibration``: model inputs for ``--quantize int8``, or a function of the model's input size
     that returns them (the caller reads them, e.g. from a folder with
@@ -362,17 +451,39 @@ def export_keras(
         report = verify_or_refuse(staging, loaded, quantize=quantize, spec=spec, count=verify_inputs)
         verification: dict[str, object] = dict(report.as_json())
         if quantize != "none":
-            gate = gate_or_refuse(
+            inputs, source = gate_inputs(loaded, spec=spec, held_out=held_out, source=held_out_source)
+            gate = measure_gate(
                 staging,
                 loaded,
-                quantize=quantize,
-                spec=spec,
-                held_out=held_out,
-                source=held_out_source,
+                inputs,
+                source=source,
                 min_agreement=min_agreement,
                 min_heatmap_r=min_heatmap_r,
             )
-            verification["quantized"] = gate.as_json()
+            quantized: dict[str, object] = {}
+            if gate.misses and mixed and quantize == "int8":
+                logger.info("      full int8 misses the gate (%s)", "; ".join(gate.misses))
+
+                def write_staged(candidate: bytes) -> None:
+                    staged = dataclasses.replace(manifest, backbone_bytes=len(candidate))
+                    bundle_format.write(staging, backbone=candidate, manifest=staged, head=head)
+
+                backbone, gate, quantized["mixed_precision"] = mixed_precision(
+                    staging,
+                    loaded,
+                    full_int8=backbone,
+                    full_gate=gate,
+                    calibration=samples,
+                    inputs=inputs,
+                    write_staged=write_staged,
+                    max_float_layers=max_float_layers,
+                )
+                manifest = dataclasses.replace(manifest, backbone_bytes=len(backbone))
+                # the staged bundle is the passing one: its end-to-end figures replace full int8's
+                report = verify_or_refuse(staging, loaded, quantize=quantize, spec=spec, count=verify_inputs)
+                verification = dict(report.as_json())
+            refuse_below_gate(gate, quantize=quantize)
+            verification["quantized"] = {**gate.as_json(), **quantized}
         final = dataclasses.replace(manifest, extra={**manifest.extra, "verification": verification})
         bundle_format.write(out_path, backbone=backbone, manifest=final, head=head)
     finally:

@@ -74,6 +74,8 @@ def _export(args: argparse.Namespace) -> int:
         held_out_source=source,
         min_agreement=args.min_agreement,
         min_heatmap_r=args.min_heatmap_r,
+        mixed=args.mixed_precision,
+        max_float_layers=args.max_float_layers,
     )
     return 0
 
@@ -185,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.95,
         help="a quantized bundle below this mean heatmap Pearson r with fp32 is not written (0.95)",
+    )
+    export.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="when full int8 misses the gate, keep the layers int8 hurts most in float until it holds"
+        " (the manifest says which, and the speed cost)",
+    )
+    export.add_argument(
+        "--max-float-layers",
+        type=int,
+        default=32,
+        help="with --mixed-precision, the most layers kept in float before giving up (32)",
     )
     export.add_argument(
         "--input-scale",
