@@ -93,12 +93,15 @@ browser:
 demo-model: $(DEV_STAMP)
 	$(PY) -m dermal_fn.tools.build_demo
 
-## the full benchmark beside TensorFlow and inside a 512 MiB cgroup, cold starts also at Render free's 0.1 CPU (about 25 min from a fresh clone; bench/README.md)
+## the full benchmark beside TensorFlow and inside a 512 MiB cgroup, cold starts and a 12 MP request at Render free's 0.1 CPU, quantization on a trained model (about 50 min from a fresh clone; bench/README.md)
 bench: $(DEV_STAMP)
 	$(PY) -m bench.run --plot docs/benchmark-rss.png
 	$(PY) -m bench.hostile --json bench/out/hostile.json
 	$(PY) -m bench.trust_cost
 	$(PY) -m bench.coldstart --model bench/out/effnetv2s_384_none.dermal --runs 3 --sources local --restart --warmed --render-free --guard
+	$(PY) -m bench.trained
+	$(PY) -m bench.quota
+	$(PY) -m bench.isa
 
 ## the same in seconds, on a tiny model
 bench-smoke: $(DEV_STAMP)

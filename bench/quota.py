@@ -1,0 +1,184 @@
+"""Render free's tenth of a CPU, end to end: a 12 MP photo with Grad-CAM, fp32 against full int8.
+
+    .venv/bin/python -m bench.quota [--size 384] [--requests 6] [--cpus 0.1] [--modes none int8]
+
+Each mode's EfficientNetV2-S bundle (``bench.models``; random weights, which cost the same time as
+trained ones) is served as render.yaml serves it, each inside its own real cgroup of 512 MiB and
+``--cpus`` CPUs. After the first answer, the modes take turns sending the same 12 MP JPEG to
+``POST /predict`` with Grad-CAM on, once for each ``--overlays``: ``png`` (the photo blended, the
+default answer) and ``heatmap`` (the palette PNG the upload page asks for). Per request it reads:
+
+- the wall time the client waited;
+- the CPU-seconds the server's processes spent (from /proc): the work. ``work / cpus`` is the floor
+  a quota allows, and ``wall - work / cpus`` what the quota costs beyond it (throttling granularity,
+  threads waking, anything not arithmetic);
+- the answer's ``timing_ms`` (decode, model, gradcam: wall inside the worker);
+- the cgroup's throttled periods.
+
+Beside it, the backbones alone on one thread, interleaved in this process (the int8 / fp32 speed
+ratio that decides how far int8 can go on this CPU; hosts differ: record the flags). Writes
+``bench/out/quota.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench import results
+from bench.coldstart import first_answer, server_env
+from bench.images import cached_photo
+from bench.models import ModelSpec, bundle_path
+from bench.server import REPO
+from tests.http_fixtures import ServerProcess
+
+OUT = REPO / "bench" / "out"
+PHOTO_SIZE = (4000, 3000)  # 12 MP, a phone's photo
+
+
+def cpu_stat(group: Any) -> dict[str, int]:
+    """The cgroup's CPU accounting: periods, throttled periods, throttled time (µs)."""
+    from bench.cgroup import _keyed
+
+    folder = group.memory_dir if group.version == 2 else group.cpu_dir
+    stat = _keyed(folder / "cpu.stat") if folder is not None else {}
+    throttled_us = stat.get("throttled_usec", stat.get("throttled_time", 0) // 1000)
+    return {
+        "periods": stat.get("nr_periods", 0),
+        "throttled": stat.get("nr_throttled", 0),
+        "throttled_us": throttled_us,
+    }
+
+
+def backbone_speed(bundles: dict[str, Path], size: int) -> dict[str, float]:
+    """Median ms of each backbone on one thread, the backbones taking turns."""
+    from dermal_fn.core import bundle as bundle_format
+    from dermal_fn.keras.mixed import backbone_ms
+
+    flatbuffers = [
+        path.read_bytes()[: bundle_format.read(path).manifest.backbone_bytes] for path in bundles.values()
+    ]
+    times = backbone_ms(flatbuffers, input_size=(size, size), max_seconds=40.0)
+    return {mode: round(ms, 1) for mode, ms in zip(bundles, times, strict=True)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve each mode in its own quota, send the 12 MP photo in turns, print and write the figures."""
+    from bench import cgroup as cgroups
+
+    parser = argparse.ArgumentParser(prog="python -m bench.quota")
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--cpus", type=float, default=0.1)
+    parser.add_argument("--memory-mib", type=int, default=512)
+    parser.add_argument("--modes", nargs="+", default=["none", "int8"])
+    parser.add_argument(
+        "--overlays",
+        nargs="+",
+        default=["png", "heatmap"],
+        help="png: the photo blended (the default answer); heatmap: the palette PNG the upload page asks for",
+    )
+    args = parser.parse_args(argv)
+
+    spec = ModelSpec("effnetv2s", args.size)
+    bundles = {mode: bundle_path(spec, mode, OUT) for mode in args.modes}
+    photo = cached_photo(OUT, PHOTO_SIZE)
+    speed = backbone_speed(bundles, args.size)
+    print(f"backbone alone, one thread: {speed}", flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="dermal-quota-"))
+    variants = [(mode, overlay) for mode in args.modes for overlay in args.overlays]
+    rows: dict[str, list[dict[str, float]]] = {f"{mode} overlay={overlay}": [] for mode, overlay in variants}
+    cold: dict[str, dict[str, float]] = {}
+    oom: dict[str, int] = {}
+    with ExitStack() as stack:
+        servers: dict[str, tuple[ServerProcess, Any]] = {}
+        for mode, bundle in bundles.items():
+            group = cgroups.create(cgroups.unique_name(), limit_bytes=args.memory_mib * 2**20, cpus=args.cpus)
+            stack.callback(group.destroy)
+            env = server_env(
+                MODEL_URI=str(bundle),
+                MODEL_CACHE_DIR=tempfile.mkdtemp(dir=workdir, prefix="cache-"),
+                TMPDIR=tempfile.mkdtemp(dir=workdir, prefix="tmp-"),
+            )
+            server = ServerProcess(env, log_path=workdir / f"server-{mode}.log", wrap=group.wrap)
+            stack.enter_context(server)
+            servers[mode] = (server, group)
+        for mode, (server, _) in servers.items():
+            server.wait_ready(path="/memory", timeout_s=600)
+            cold_s, cold_cpu = first_answer(server)
+            cold[mode] = {"cold_start_s": round(cold_s, 2), "cold_start_cpu_s": round(cold_cpu, 2)}
+            print(f"{mode}: first answer after {cold_s:.1f} s ({cold_cpu:.2f} CPU-s)", flush=True)
+        for i in range(args.requests):
+            for mode, overlay in variants:
+                server, group = servers[mode]
+                name = f"{mode} overlay={overlay}"
+                cpu0, stat0, t0 = server.cpu_seconds(), cpu_stat(group), time.monotonic()
+                status, body = server.post_image(f"/predict?overlay={overlay}", photo, timeout_s=600)
+                wall = time.monotonic() - t0
+                cpu, stat1 = server.cpu_seconds() - cpu0, cpu_stat(group)
+                if status != 200:
+                    raise RuntimeError(f"expected 200 from {name}, found {status}: {body}")
+                if not {"overlay_png", "heatmap_png"} & set(body.get("gradcam") or {}):
+                    raise RuntimeError(f"expected Grad-CAM in {name}'s answer, found {body.get('gradcam')}")
+                timing = body["timing_ms"]
+                rows[name].append(
+                    {
+                        "wall_s": wall,
+                        "cpu_s": cpu,
+                        "decode_ms": timing["decode"],
+                        "model_ms": timing["model"],
+                        "gradcam_ms": timing.get("gradcam", 0.0),
+                        "throttled_periods": stat1["throttled"] - stat0["throttled"],
+                    }
+                )
+                print(f"{name} #{i + 1}: {wall:.2f} s wall, {cpu:.3f} CPU-s, timing_ms {timing}", flush=True)
+        for mode, (_, group) in servers.items():
+            oom[mode] = group.events().get("oom_kill", 0)
+
+    figures: dict[str, Any] = {}
+    for name, measured in rows.items():
+        mode = name.split()[0]
+        median = {key: statistics.median(row[key] for row in measured) for key in measured[0]}
+        floor = median["cpu_s"] / args.cpus
+        figures[name] = {
+            **cold[mode],
+            "request_wall_s": round(median["wall_s"], 3),
+            "request_cpu_s": round(median["cpu_s"], 4),
+            "quota_floor_s": round(floor, 3),
+            "beyond_floor_s": round(median["wall_s"] - floor, 3),
+            "timing_ms": {k: round(median[f"{k}_ms"], 1) for k in ("decode", "model", "gradcam")},
+            "throttled_periods": median["throttled_periods"],
+            "backbone_ms_one_thread": speed[mode],
+            "oom_kills": oom[mode],
+            "requests": len(measured),
+        }
+    if "none" in speed and "int8" in speed:
+        figures["int8_speedup_backbone_one_thread"] = round(speed["none"] / speed["int8"], 2)
+    for overlay in args.overlays:
+        fp32, int8 = figures.get(f"none overlay={overlay}"), figures.get(f"int8 overlay={overlay}")
+        if fp32 and int8:
+            figures[f"int8_speedup_request overlay={overlay}"] = round(
+                fp32["request_wall_s"] / int8["request_wall_s"], 2
+            )
+    payload = {
+        "model": f"EfficientNetV2-S @{args.size} (random weights: time only)",
+        "photo": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG, Grad-CAM on",
+        "cpus": args.cpus,
+        "memory_mib": args.memory_mib,
+        **figures,
+    }
+    results.write("quota", payload)
+    print(payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
