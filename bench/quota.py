@@ -15,14 +15,18 @@ default answer) and ``heatmap`` (the palette PNG the upload page asks for). Per 
 - the answer's ``timing_ms`` (decode, model, gradcam: wall inside the worker);
 - the cgroup's throttled periods.
 
-Beside it, the backbones alone on one thread, interleaved in this process (the int8 / fp32 speed
-ratio that decides how far int8 can go on this CPU; hosts differ: record the flags). Writes
-``bench/out/quota.json``.
+Beside it, where the work goes: each mode's service in a child process on one thread, without a
+quota, its steps timed with the process's CPU clock (``Service.predict(timer=time.process_time)``:
+decode, model, Grad-CAM with the overlay), and the backbones alone on one thread, interleaved in
+this process (the int8 / fp32 speed ratio that decides how far int8 can go on this CPU; hosts
+differ: record the flags). Writes ``bench/out/quota.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -69,11 +73,60 @@ def backbone_speed(bundles: dict[str, Path], size: int) -> dict[str, float]:
     return {mode: round(ms, 1) for mode, ms in zip(bundles, times, strict=True)}
 
 
+def stages(bundle: Path, photo: Path, *, overlay: str, runs: int) -> dict[str, float]:
+    """Median CPU ms of each step of one prediction (one LiteRT thread; call in a child process)."""
+    import dataclasses
+
+    from dermal_fn.serving.config import Settings
+    from dermal_fn.serving.options import PredictOptions
+    from dermal_fn.serving.service import Service
+
+    settings = dataclasses.replace(Settings.from_env(), model_uri=str(bundle), litert_threads=1)
+    service = Service(settings)
+    options = PredictOptions.parse({"overlay": overlay})
+    image = photo.read_bytes()
+    service.predict(image, options)  # the load and the first run's weight packing
+    steps: dict[str, list[float]] = {"decode": [], "model": [], "gradcam": [], "total": []}
+    for _ in range(runs):
+        timing = service.predict(image, options, timer=time.process_time).body["timing_ms"]
+        for key, series in steps.items():
+            series.append(float(timing[key]))  # type: ignore[literal-required]
+    return {key: round(statistics.median(series), 1) for key, series in steps.items()}
+
+
+def stages_in_child(bundle: Path, photo: Path, *, overlay: str, runs: int = 7) -> dict[str, float]:
+    """:func:`stages` in a fresh process (its own service, one model)."""
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.quota",
+            "--stages",
+            str(bundle),
+            "--overlays",
+            overlay,
+            "--requests",
+            str(runs),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "LITERT_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+    )
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve each mode in its own quota, send the 12 MP photo in turns, print and write the figures."""
     from bench import cgroup as cgroups
 
     parser = argparse.ArgumentParser(prog="python -m bench.quota")
+    parser.add_argument("--stages", type=Path, help=argparse.SUPPRESS)  # the child of stages_in_child
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--cpus", type=float, default=0.1)
@@ -86,12 +139,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="png: the photo blended (the default answer); heatmap: the palette PNG the upload page asks for",
     )
     args = parser.parse_args(argv)
+    if args.stages is not None:
+        cached_photo(OUT, PHOTO_SIZE)
+        photo_path = OUT / f"photo_{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}.jpg"
+        print(json.dumps(stages(args.stages, photo_path, overlay=args.overlays[0], runs=args.requests)))
+        return 0
 
     spec = ModelSpec("effnetv2s", args.size)
     bundles = {mode: bundle_path(spec, mode, OUT) for mode in args.modes}
     photo = cached_photo(OUT, PHOTO_SIZE)
     speed = backbone_speed(bundles, args.size)
     print(f"backbone alone, one thread: {speed}", flush=True)
+    cpu_steps = {
+        f"{mode} overlay={overlay}": stages_in_child(
+            bundles[mode], OUT / f"photo_{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}.jpg", overlay=overlay
+        )
+        for mode in args.modes
+        for overlay in args.overlays
+    }
+    print(f"CPU ms per step, one thread, no quota: {cpu_steps}", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="dermal-quota-"))
     variants = [(mode, overlay) for mode in args.modes for overlay in args.overlays]
@@ -157,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timing_ms": {k: round(median[f"{k}_ms"], 1) for k in ("decode", "model", "gradcam")},
             "throttled_periods": median["throttled_periods"],
             "backbone_ms_one_thread": speed[mode],
+            "cpu_ms_per_step_no_quota": cpu_steps[name],
             "oom_kills": oom[mode],
             "requests": len(measured),
         }
