@@ -111,16 +111,18 @@ def bundle_path(spec: ModelSpec, quantize: str, out_dir: Path) -> Path:
     labels = out_dir / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n")
     extra: list[str] = []
+    if quantize != "none":
+        # random weights: the quantization gate's figures mean nothing (their feature map is near
+        # flat), so its floors are 0 here and the bundle is for speed and memory figures only
+        # (bench.trained measures quantization on a trained model)
+        extra = ["--min-agreement", "0", "--min-heatmap-r", "0"]
     if quantize == "int8":
-        # random weights: the gate's figures mean nothing (their feature map is near flat), so its
-        # floors are 0 here and the bundle is for speed and memory figures only (bench.trained
-        # measures int8 on a trained model)
         calibration = out_dir / f"calibration_{spec.size}"
         if not calibration.is_dir():
             from dermal_fn.demo import synth
 
             synth.save_folder(calibration, CALIBRATION_PHOTOS, seed=5, size=spec.size)
-        extra = ["--calibration", str(calibration), "--min-agreement", "0", "--min-heatmap-r", "0"]
+        extra += ["--calibration", str(calibration)]
     started = time.perf_counter()
     subprocess.run(
         [
