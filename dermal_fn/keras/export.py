@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dermal_fn.core import bundle as bundle_format
-from dermal_fn.core.engine import LiteRTEngine
+from dermal_fn.core.engine import Inference, LiteRTEngine
 from dermal_fn.core.head import Head
 from dermal_fn.core.imaging import INPUT_PRESETS, INPUT_SCALES, RESIZE_METHODS, InputScale, Normalization
 from dermal_fn.errors import ExportError
@@ -36,6 +36,7 @@ from dermal_fn.keras.verify import (
     QuantizationReport,
     Verification,
     compare_quantized,
+    fp32_references,
     refusals,
     verification_inputs,
     verify,
@@ -251,6 +252,7 @@ def measure_gate(
     source: str,
     min_agreement: float,
     min_heatmap_r: float,
+    references: Sequence[Inference] | None = None,
 ) -> QuantizationReport:
     """Step 4b: the staged quantized bundle against the fp32 model on held-out images."""
     engine = LiteRTEngine(staging, sha256=path_sha256(staging), num_threads=min(os.cpu_count() or 1, 4))
@@ -262,6 +264,7 @@ def measure_gate(
             source=source,
             min_agreement=min_agreement,
             min_heatmap_r=min_heatmap_r,
+            references=references,
         )
     finally:
         engine.close()
@@ -317,16 +320,19 @@ def mixed_precision(
     from dermal_fn.keras.convert import check_integer_backbone, float_converter
 
     split_ = loaded.split
-    logger.info("      mixed precision: ranking the int8 layers by how much int8 moves their output")
+    logger.info("      mixed precision: measuring how far quantizing each layer alone moves the feature map")
     t0 = time.perf_counter()
     with float_converter(split_.backbone, input_size=split_.input_size) as converter:
         ranking = mixed.LayerRanking(converter, calibration)
     logger.info(
-        "      %d quantized layers ranked in %.0f s; most harmful: %s",
+        "      %d quantized layers (%d measured) ranked in %.0f s; most harmful: %s",
         len(ranking.layers),
+        ranking.measured,
         time.perf_counter() - t0,
-        ", ".join(f"{h.name} ({h.relative_error:.3f})" for h in ranking.layers[:3]),
+        ", ".join(f"{h.name} ({h.feature_map_error or 0.0:.3f})" for h in ranking.layers[:3]),
     )
+
+    references = fp32_references(loaded.keras_engine, inputs)  # the same for every try
 
     def gate(backbone: bytes) -> QuantizationReport:
         write_staged(backbone)
@@ -337,6 +343,7 @@ def mixed_precision(
             source=full_gate.source,
             min_agreement=full_gate.min_agreement,
             min_heatmap_r=full_gate.min_heatmap_r,
+            references=references,
         )
 
     result = mixed.search(ranking.layers, ranking.backbone, gate, max_float_layers=max_float_layers)
@@ -353,8 +360,10 @@ def mixed_precision(
     section: dict[str, object] = {
         "float_layers": [h.as_json() for h in result.float_layers],
         "quantized_layers": len(ranking.layers),
-        "ranking": "RMS(int8 - float) / RMS(float) at each op's output, from the same int8 inputs, "
-        f"on {min(len(calibration), mixed.RANKING_IMAGES)} calibration photos",
+        "ranking": "feature_map_error: RMS(feature map - float's) / RMS(float's) with only that layer "
+        f"quantized, on {min(len(calibration), mixed.HARM_IMAGES)} calibration photos, for {ranking.measured} "
+        "layers (the largest local errors first); relative_error: the layer's own int8 output against a "
+        "float op fed the same int8 inputs",
         "full_int8": {
             "top1_agreement": round(full_gate.top1_agreement, 6),
             "heatmap_r_mean": round(full_gate.heatmap_r_mean, 6),

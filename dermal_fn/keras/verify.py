@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from dermal_fn.core.engine import Engine, LiteRTEngine, litert_runtime
+from dermal_fn.core.engine import Engine, Inference, LiteRTEngine, litert_runtime
 from dermal_fn.core.imaging import InputScale, Normalization
 
 Quantization = Literal["none", "fp16", "int8-dynamic", "int8"]
@@ -192,6 +192,11 @@ class QuantizationReport:
         return values
 
 
+def fp32_references(keras_engine: Engine, inputs: Sequence[np.ndarray]) -> list[Inference]:
+    """The fp32 model's answers (logit-score Grad-CAM of its top class), what the gate compares with."""
+    return [keras_engine.run(pixels, score="logit") for pixels in inputs]
+
+
 def compare_quantized(
     bundle_engine: LiteRTEngine,
     keras_engine: Engine,
@@ -200,16 +205,20 @@ def compare_quantized(
     source: str,
     min_agreement: float = MIN_AGREEMENT,
     min_heatmap_r: float = MIN_HEATMAP_R,
+    references: Sequence[Inference] | None = None,
 ) -> QuantizationReport:
     """The quantized bundle against the fp32 model on ``inputs``: agreement, probabilities, heatmaps.
 
     The heatmaps compared are each model's Grad-CAM of the fp32 model's top class (logit score).
+    ``references``: the fp32 model's answers on ``inputs`` (:func:`fp32_references`), when several
+    bundles are held to the same images.
     """
     from dermal_fn.core.agreement import pearson_r, top_region_iou
 
+    if references is None:
+        references = fp32_references(keras_engine, inputs)
     agree, max_p, mean_p, rs, ious = 0, 0.0, [], [], []
-    for pixels in inputs:
-        reference = keras_engine.run(pixels, score="logit")
+    for pixels, reference in zip(inputs, references, strict=True):
         ours = bundle_engine.run(pixels, class_index=reference.class_index, score="logit")
         assert ours.grid is not None and reference.grid is not None
         difference = np.abs(ours.probabilities - reference.probabilities)
