@@ -62,6 +62,8 @@ class LayerHarm:
     @property
     def name(self) -> str:
         """The Keras layer the op came from, as the converter named it (the convolution's, when fused)."""
+        if "/" not in self.tensor:  # e.g. "StatefulPartitionedCall_1:0": the converter's name for the output
+            return f"output ({self.tensor})"
         parts = [segment.split("/") for segment in self.tensor.split(";")]
         for path in parts:
             if len(path) >= 2 and path[-1] in ("convolution", "depthwise", "MatMul", "Conv2D", "BiasAdd"):
