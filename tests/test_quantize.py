@@ -567,6 +567,18 @@ def test_a_confident_model_exports(tmp_path: Path, mode: str) -> None:
     assert probabilities[0] > 1 - 1e-6
 
 
+def int8_export(model: Path, calibration: Path, out: Path) -> list[str]:
+    """``export MODEL --out OUT --quantize int8 --calibration DIR``, the gate's floors left to the caller."""
+    return ["export", str(model), "--out", str(out), "--quantize", "int8", "--calibration", str(calibration)]
+
+
+def just_above_full_int8(bundles: dict[str, Path]) -> float:
+    """A heatmap-r floor just above what the full-int8 bundle measured: the same export misses it."""
+    measured = bundle_format.read(bundles["int8"]).manifest.extra["verification"]["quantized"]
+    assert measured["heatmap_r_mean"] < 1.0  # int8 really moves the heatmap a little
+    return round(min(1.0, measured["heatmap_r_mean"] + 1e-4), 6)
+
+
 # --- the quantization gate ---------------------------------------------------------------------------------
 
 
@@ -597,22 +609,10 @@ def test_a_quantized_bundle_below_the_gate_is_not_written(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The floor set just above what this int8 bundle measured: the same export now refuses, writes nothing."""
-    measured = bundle_format.read(bundles["int8"]).manifest.extra["verification"]["quantized"]
-    assert measured["heatmap_r_mean"] < 1.0  # int8 really moves the heatmap a little
-    floor = round(min(1.0, measured["heatmap_r_mean"] + 1e-4), 6)
+    floor = just_above_full_int8(bundles)
     out = tmp_path / "int8.dermal"
-    argv = [
-        "export",
-        str(demo_keras),
-        "--out",
-        str(out),
-        "--quantize",
-        "int8",
-        "--calibration",
-        str(calibration),
-    ]
     with caplog.at_level(logging.ERROR):
-        assert cli([*argv, "--min-heatmap-r", str(floor)]) == 2
+        assert cli([*int8_export(demo_keras, calibration, out), "--min-heatmap-r", str(floor)]) == 2
     assert "refusing to write the int8 bundle" in caplog.text and "mean heatmap r" in caplog.text
     assert "--min-heatmap-r" in caplog.text and "calibrate on more of your own photos" in caplog.text
     assert not out.exists() and not list(tmp_path.glob(".*verifying"))
@@ -658,19 +658,9 @@ def test_the_model_card_shows_the_gate(tmp_path: Path, small_bundle: Path) -> No
 @pytest.fixture(scope="session")
 def mixed_bundle(bundles: dict[str, Path], demo_keras: Path, calibration: Path, quant_dir: Path) -> Path:
     """The int8 export again with the floor just above what full int8 measured, and --mixed-precision."""
-    measured = bundle_format.read(bundles["int8"]).manifest.extra["verification"]["quantized"]
-    floor = round(min(1.0, measured["heatmap_r_mean"] + 1e-4), 6)
+    floor = just_above_full_int8(bundles)
     out = quant_dir / "demo_mixed.dermal"
-    argv = [
-        "export",
-        str(demo_keras),
-        "--out",
-        str(out),
-        "--quantize",
-        "int8",
-        "--calibration",
-        str(calibration),
-    ]
+    argv = int8_export(demo_keras, calibration, out)
     assert cli([*argv, "--min-heatmap-r", str(floor), "--mixed-precision"]) == 0
     return out
 
@@ -741,16 +731,7 @@ def test_mixed_precision_that_never_holds_writes_nothing_and_says_what_it_tried(
     demo_keras: Path, calibration: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "mixed.dermal"
-    argv = [
-        "export",
-        str(demo_keras),
-        "--out",
-        str(out),
-        "--quantize",
-        "int8",
-        "--calibration",
-        str(calibration),
-    ]
+    argv = int8_export(demo_keras, calibration, out)
     with caplog.at_level(logging.ERROR):
         # one float layer cannot make the other int8 layers' heatmap equal fp32's exactly
         assert cli([*argv, "--min-heatmap-r", "1", "--mixed-precision", "--max-float-layers", "1"]) == 2
