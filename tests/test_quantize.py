@@ -738,3 +738,28 @@ def test_mixed_precision_that_never_holds_writes_nothing_and_says_what_it_tried(
     assert "refusing to write the int8 bundle: with up to 1 of its" in caplog.text
     assert "1 float: agreement" in caplog.text and "--max-float-layers" in caplog.text
     assert not out.exists() and not list(tmp_path.glob(".*verifying"))
+
+
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("mode", ["none", "fp16", "int8-dynamic"])
+def test_mixed_precision_is_for_full_int8_only(
+    mode: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "m.dermal"
+    with caplog.at_level(logging.ERROR):
+        code = cli(
+            [
+                "export",
+                str(tmp_path / "absent.keras"),
+                "--out",
+                str(out),
+                "--quantize",
+                mode,
+                "--mixed-precision",
+            ]
+        )
+    assert (
+        code == 2
+        and f"expected --quantize int8 with --mixed-precision, found --quantize {mode}" in caplog.text
+    )
+    assert not out.exists()

@@ -415,6 +415,8 @@ def export_keras(
     """
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"expected --quantize in {QUANTIZATIONS}, found {quantize!r}")
+    if mixed and quantize != "int8":
+        raise ExportError(f"expected --quantize int8 with --mixed-precision, found --quantize {quantize}")
     spec = input_spec(input_scale, mean=mean, std=std, resize=resize)
     model_path, out_path = Path(model_path), Path(out_path)
     started = time.perf_counter()
