@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         build(args.out, side=args.side, channels=args.channels)
         return 0
 
+    from dermal_fn.keras.mixed import backbone_ms
+
     with tempfile.TemporaryDirectory(prefix="dermal-isa-") as tmp:
         folder = Path(tmp)
         subprocess.run(
@@ -91,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             capture_output=True,
         )
         models = [(folder / f"conv_{mode}.tflite").read_bytes() for mode in ("fp32", "int8")]
-    fp32_ms, int8_ms = _time(models, side=args.side, channels=args.channels)
+    fp32_ms, int8_ms = backbone_ms(
+        models, input_size=(args.side, args.side), channels=args.channels, runs=40, max_seconds=60.0
+    )
     macs = args.side * args.side * args.channels * args.channels * 9
     figures = {
         "convolution": f"3x3, {args.channels} -> {args.channels} channels, {args.side}x{args.side}",
@@ -105,30 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.write("isa", figures)
     print(figures)
     return 0
-
-
-def _time(models: Sequence[bytes], *, side: int, channels: int, rounds: int = 40) -> list[float]:
-    """Median ms of one invoke of each model on one thread, the models taking turns."""
-    import statistics
-    import time
-
-    from ai_edge_litert.interpreter import Interpreter
-
-    pixels = np.random.default_rng(1).normal(0, 1, (1, side, side, channels)).astype(np.float32)
-    interpreters = []
-    for model in models:
-        interpreter = Interpreter(model_content=model, num_threads=1)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(int(interpreter.get_input_details()[0]["index"]), pixels)
-        interpreter.invoke()
-        interpreters.append(interpreter)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for interpreter, series in zip(interpreters, times, strict=True):
-            started = time.perf_counter()
-            interpreter.invoke()
-            series.append((time.perf_counter() - started) * 1e3)
-    return [statistics.median(series) for series in times]
 
 
 if __name__ == "__main__":

@@ -288,12 +288,21 @@ def search(
 
 
 def backbone_ms(
-    backbones: Sequence[bytes], *, input_size: tuple[int, int], max_seconds: float = 20.0
+    backbones: Sequence[bytes],
+    *,
+    input_size: tuple[int, int],
+    channels: int = 3,
+    runs: int = 15,
+    max_seconds: float = 20.0,
 ) -> list[float]:
-    """Median ms of one invoke on one thread for each backbone, the backbones taking turns."""
+    """Median ms of one invoke on one thread for each backbone, the backbones taking turns.
+
+    Up to ``runs`` turns (at least 3) within ``max_seconds``, after one run that packs the weights;
+    the input is (1, height, width, ``channels``) uniform noise in 0..255, seeded.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
-    pixels = np.random.default_rng(0).uniform(0, 255, (1, *input_size, 3)).astype(np.float32)
+    pixels = np.random.default_rng(0).uniform(0, 255, (1, *input_size, channels)).astype(np.float32)
     interpreters = []
     for flatbuffer in backbones:
         interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
@@ -303,7 +312,7 @@ def backbone_ms(
         interpreters.append(interpreter)
     times: list[list[float]] = [[] for _ in interpreters]
     started = time.perf_counter()
-    while len(times[0]) < 3 or (len(times[0]) < 15 and time.perf_counter() - started < max_seconds):
+    while len(times[0]) < 3 or (len(times[0]) < runs and time.perf_counter() - started < max_seconds):
         for interpreter, series in zip(interpreters, times, strict=True):
             t0 = time.perf_counter()
             interpreter.invoke()
