@@ -69,6 +69,16 @@ class Cgroup:
                 out[f"stat_{key}_bytes"] = stat[key]
         return out
 
+    def cpu_stat(self) -> dict[str, int]:
+        """CPU accounting so far: periods, throttled periods, throttled time (µs)."""
+        folder = self.memory_dir if self.version == 2 else self.cpu_dir
+        stat = _keyed(folder / "cpu.stat") if folder is not None else {}
+        return {
+            "periods": stat.get("nr_periods", 0),
+            "throttled": stat.get("nr_throttled", 0),
+            "throttled_us": stat.get("throttled_usec", stat.get("throttled_time", 0) // 1000),
+        }
+
     def destroy(self) -> None:
         """Remove the cgroup folders (their processes must have exited)."""
         for folder in (self.memory_dir, self.cpu_dir):

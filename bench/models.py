@@ -149,6 +149,21 @@ def bundle_path(spec: ModelSpec, quantize: str, out_dir: Path) -> Path:
     return path
 
 
+def backbone_speed(
+    bundles: dict[str, Path], size: int, *, runs: int = 15, max_seconds: float = 20.0
+) -> dict[str, float]:
+    """Median ms of each bundle's backbone alone on one thread, the backbones taking turns."""
+    from dermal_fn.core import bundle as bundle_format
+    from dermal_fn.keras.mixed import backbone_ms
+
+    # the flatbuffer opens the bundle file
+    flatbuffers = [
+        path.read_bytes()[: bundle_format.read(path).manifest.backbone_bytes] for path in bundles.values()
+    ]
+    times = backbone_ms(flatbuffers, input_size=(size, size), runs=runs, max_seconds=max_seconds)
+    return {mode: round(ms, 2) for mode, ms in zip(bundles, times, strict=True)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.models build ARCH SIZE --out FILE``: build one .keras model."""
     parser = argparse.ArgumentParser(prog="python -m bench.models")

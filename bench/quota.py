@@ -39,38 +39,12 @@ from typing import Any
 from bench import results
 from bench.coldstart import first_answer, server_env
 from bench.images import cached_photo
-from bench.models import ModelSpec, bundle_path
+from bench.models import ModelSpec, backbone_speed, bundle_path
 from bench.server import REPO
 from tests.http_fixtures import ServerProcess
 
 OUT = REPO / "bench" / "out"
 PHOTO_SIZE = (4000, 3000)  # 12 MP, a phone's photo
-
-
-def cpu_stat(group: Any) -> dict[str, int]:
-    """The cgroup's CPU accounting: periods, throttled periods, throttled time (µs)."""
-    from bench.cgroup import _keyed
-
-    folder = group.memory_dir if group.version == 2 else group.cpu_dir
-    stat = _keyed(folder / "cpu.stat") if folder is not None else {}
-    throttled_us = stat.get("throttled_usec", stat.get("throttled_time", 0) // 1000)
-    return {
-        "periods": stat.get("nr_periods", 0),
-        "throttled": stat.get("nr_throttled", 0),
-        "throttled_us": throttled_us,
-    }
-
-
-def backbone_speed(bundles: dict[str, Path], size: int) -> dict[str, float]:
-    """Median ms of each backbone on one thread, the backbones taking turns."""
-    from dermal_fn.core import bundle as bundle_format
-    from dermal_fn.keras.mixed import backbone_ms
-
-    flatbuffers = [
-        path.read_bytes()[: bundle_format.read(path).manifest.backbone_bytes] for path in bundles.values()
-    ]
-    times = backbone_ms(flatbuffers, input_size=(size, size), max_seconds=40.0)
-    return {mode: round(ms, 1) for mode, ms in zip(bundles, times, strict=True)}
 
 
 def stages(bundle: Path, photo: Path, *, overlay: str, runs: int) -> dict[str, float]:
@@ -139,21 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="png: the photo blended (the default answer); heatmap: the palette PNG the upload page asks for",
     )
     args = parser.parse_args(argv)
+    photo = cached_photo(OUT, PHOTO_SIZE)
+    photo_path = OUT / f"photo_{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}.jpg"  # where cached_photo keeps it
     if args.stages is not None:
-        cached_photo(OUT, PHOTO_SIZE)
-        photo_path = OUT / f"photo_{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}.jpg"
         print(json.dumps(stages(args.stages, photo_path, overlay=args.overlays[0], runs=args.requests)))
         return 0
 
     spec = ModelSpec("effnetv2s", args.size)
     bundles = {mode: bundle_path(spec, mode, OUT) for mode in args.modes}
-    photo = cached_photo(OUT, PHOTO_SIZE)
-    speed = backbone_speed(bundles, args.size)
+    speed = backbone_speed(bundles, args.size, max_seconds=40.0)
     print(f"backbone alone, one thread: {speed}", flush=True)
     cpu_steps = {
-        f"{mode} overlay={overlay}": stages_in_child(
-            bundles[mode], OUT / f"photo_{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}.jpg", overlay=overlay
-        )
+        f"{mode} overlay={overlay}": stages_in_child(bundles[mode], photo_path, overlay=overlay)
         for mode in args.modes
         for overlay in args.overlays
     }
@@ -186,10 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for mode, overlay in variants:
                 server, group = servers[mode]
                 name = f"{mode} overlay={overlay}"
-                cpu0, stat0, t0 = server.cpu_seconds(), cpu_stat(group), time.monotonic()
+                cpu0, stat0, t0 = server.cpu_seconds(), group.cpu_stat(), time.monotonic()
                 status, body = server.post_image(f"/predict?overlay={overlay}", photo, timeout_s=600)
                 wall = time.monotonic() - t0
-                cpu, stat1 = server.cpu_seconds() - cpu0, cpu_stat(group)
+                cpu, stat1 = server.cpu_seconds() - cpu0, group.cpu_stat()
                 if status != 200:
                     raise RuntimeError(f"expected 200 from {name}, found {status}: {body}")
                 if not {"overlay_png", "heatmap_png"} & set(body.get("gradcam") or {}):

@@ -16,7 +16,6 @@ backbone's time on one thread, the modes taking turns. Writes ``bench/out/traine
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from bench import results
+from bench.models import backbone_speed
 from bench.server import REPO
 
 OUT = REPO / "bench" / "out" / "trained"
@@ -53,22 +53,6 @@ def train(path: Path, *, size: int, epochs: int, n_train: int) -> None:
     model.fit(data.images.astype("float32"), data.labels, batch_size=32, epochs=epochs, verbose=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
-
-
-def backbone_ms(bundle: Path, size: int, runs: int) -> float:
-    """Median ms of one backbone invoke on one thread."""
-    from dermal_fn.core.engine import LiteRTEngine
-
-    engine = LiteRTEngine(bundle, sha256="bench", num_threads=1)
-    pixels = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
-    engine.feature_map(pixels)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        engine.feature_map(pixels)
-        times.append((time.perf_counter() - started) * 1e3)
-    engine.close()
-    return statistics.median(times)
 
 
 def pointing_hit(grid: np.ndarray, mask: np.ndarray) -> bool:
@@ -189,15 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundles[mode] = bundle
     modes = list(bundles)
     figures = evaluate_modes(bundles, size=args.size, held_out=args.held_out)
-    timings: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(3):  # the modes take turns
-        for mode in modes:
-            timings[mode].append(backbone_ms(bundles[mode], args.size, args.runs))
+    speed = backbone_speed(bundles, args.size, runs=args.runs, max_seconds=60.0)  # the modes take turns
     for mode in modes:
-        figures[mode]["backbone_ms_one_thread"] = statistics.median(timings[mode])
-        figures[mode]["speedup_vs_fp32"] = (
-            statistics.median(timings["none"]) / figures[mode]["backbone_ms_one_thread"]
-        )
+        figures[mode]["backbone_ms_one_thread"] = speed[mode]
+        figures[mode]["speedup_vs_fp32"] = speed["none"] / speed[mode]
         figures[mode]["bundle_mb"] = bundles[mode].stat().st_size / 1e6
     from dermal_fn.core import bundle as bundle_format
 

@@ -85,11 +85,14 @@ def convert_backbone(
     return flatbuffer
 
 
-def float_op_outputs(flatbuffer: bytes) -> list[tuple[str, str]]:
-    """(op, output tensor name) of every convolution or dense op that runs in float."""
+def float_op_outputs(flatbuffer: bytes | Any) -> list[tuple[str, str]]:
+    """(op, output tensor name) of every convolution or dense op that runs in float.
+
+    ``flatbuffer``: the model, or a LiteRT Interpreter already made of it.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter = Interpreter(model_content=flatbuffer) if isinstance(flatbuffer, bytes) else flatbuffer
     found = []
     for op in interpreter._get_ops_details():
         if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
@@ -113,6 +116,6 @@ def check_integer_backbone(flatbuffer: bytes, *, float_layers: Collection[str] =
     if not_float:
         raise ExportError(f"expected float32 input and output on the int8 backbone, found {not_float}")
     allowed = set(float_layers)
-    float_ops = [op for op, tensor in float_op_outputs(flatbuffer) if tensor not in allowed]
+    float_ops = [op for op, tensor in float_op_outputs(interpreter) if tensor not in allowed]
     if float_ops:
         raise ExportError(f"expected an integer-only backbone, found float ops {sorted(set(float_ops))}")
